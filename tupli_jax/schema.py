@@ -458,5 +458,5 @@ def matches(filter: BaseFilter | None, document: Mapping[str, Any]) -> bool:
     if kind is FilterType.NE:
         return bool(value != filter.value)
     if kind is FilterType.IN:
-        return any(value == v for v in filter.value)
+        return any(value == v for v in filter.value or ())
     return _ordered(kind, value, filter.value)

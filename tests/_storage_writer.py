@@ -1,0 +1,89 @@
+"""A separate writer process for the storage tests (not a test module).
+
+Usage:
+    python tests/_storage_writer.py episodes ROOT BENCH_ID TAG N_BATCHES BATCH_SIZE
+    python tests/_storage_writer.py benchmarks ROOT N
+    python tests/_storage_writer.py loop ROOT BENCH_ID SEED
+
+``episodes`` records ``N_BATCHES`` batches of ``BATCH_SIZE`` episodes with metadata
+``{"writer": TAG, "batch": k, "size": BATCH_SIZE}``. ``benchmarks`` stores benchmarks with hashes
+``h0 .. h{N-1}``. ``loop`` records random batches (two observation structures, so some batches
+write two shards), deletes whole earlier batches and stores artifacts until it is killed; it prints
+``ready`` after its first commit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from tupli_jax.episode import EpisodeData
+from tupli_jax.schema import (
+    ArtifactMetadata,
+    BenchmarkMetadata,
+    BenchmarkQuery,
+    FilterEQ,
+)
+from tupli_jax.storage import FileStorage
+
+
+def make_episode(
+    rng: np.random.Generator, bench: str, metadata: dict[str, object], image: bool = False
+) -> EpisodeData:
+    """A random episode of 1-40 steps; ``image`` switches to a second observation structure."""
+    n = int(rng.integers(1, 40))
+    obs: object = rng.normal(size=(n + 1, 4)).astype(np.float32)
+    if image:
+        obs = {"pixels": rng.integers(0, 255, (n + 1, 6, 6, 3), dtype=np.uint8), "pos": obs}
+    return EpisodeData(
+        observations=obs,
+        actions=rng.integers(0, 4, n),
+        rewards=rng.normal(size=n).astype(np.float32),
+        discounts=np.r_[np.ones(n - 1), 0.0].astype(np.float32),
+        terminated=True,
+        truncated=False,
+        metadata=metadata,
+        benchmark_id=bench,
+    )
+
+
+def main(argv: list[str]) -> None:
+    mode, root = argv[0], argv[1]
+    store = FileStorage(root)
+    if mode == "episodes":
+        bench, tag, n_batches, size = argv[2], argv[3], int(argv[4]), int(argv[5])
+        rng = np.random.default_rng(abs(hash(tag)) % 2**32)
+        for k in range(n_batches):
+            meta = {"writer": tag, "batch": k, "size": size}
+            store.record_episodes([make_episode(rng, bench, meta) for _ in range(size)])
+    elif mode == "benchmarks":
+        for i in range(int(argv[2])):
+            meta = BenchmarkMetadata(name=f"bench {i}")
+            store.store_benchmark(BenchmarkQuery(hash=f"h{i}", serialized="{}", metadata=meta))
+    elif mode == "loop":
+        bench, seed = argv[2], int(argv[3])
+        rng = np.random.default_rng(seed)
+        k = 0
+        while True:
+            size = int(rng.integers(1, 12))
+            meta = {"writer": seed, "batch": k, "size": size}
+            batch = [make_episode(rng, bench, meta, bool(rng.random() < 0.3)) for _ in range(size)]
+            store.record_episodes(batch)
+            if k == 0:
+                print("ready", flush=True)
+            if k % 3 == 2:  # delete a whole earlier batch (all or nothing)
+                old = FilterEQ(key="metadata.batch", value=int(rng.integers(0, k)))
+                store.delete_episodes([h.id for h in store.list_episodes(old)])
+            if k % 4 == 1:
+                store.store_artifact(f"artifact {seed} {k}".encode(), ArtifactMetadata(name="a"))
+            k += 1
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

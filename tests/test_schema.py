@@ -1,4 +1,4 @@
-"""Models and filter semantics of tupli_jax.schema, checked against pytupli where pytupli is right."""
+"""Models and filter semantics of tupli_jax.schema, checked against pytupli where it is right."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _to_pytupli(f: schema.BaseFilter) -> Any:
 
 
 def _comparable_everywhere(f: schema.BaseFilter, doc: dict[str, Any]) -> bool:
-    """True when every ordering leaf compares values of compatible types (pytupli raises otherwise)."""
+    """Whether every ordering leaf compares compatible types (pytupli raises otherwise)."""
     if f.type in (FilterType.AND, FilterType.OR):
         return all(_comparable_everywhere(g, doc) for g in f.filters or [])
     if f.type in (FilterType.EQ, FilterType.NE):
@@ -89,8 +89,8 @@ def test_matches_agrees_with_pytupli_where_pytupli_is_defined(doc: dict, f: sche
     pytupli_fs = object.__new__(pytupli_storage.FileStorage)  # only its filter compiler is used
     reference = pytupli_fs.convert_filter_to_function(_to_pytupli(f))
     expected = reference(doc)
-    # pytupli orders str against str and numbers against numbers exactly like Python; the only
-    # divergence allowed is ours turning a mixed bool/number-vs-str comparison false, excluded above.
+    # Where pytupli's comparisons are defined it follows Python, as ours must; the cases where
+    # pytupli raises (incomparable types) are excluded above.
     assert matches(f, doc) == expected
 
 
@@ -156,16 +156,28 @@ def test_apply_prefix_and_from_list():
     f = FilterEQ(key="seed", value=1) & FilterGT(key="n", value=2)
     f.apply_prefix("metadata")
     assert [g.key for g in f.filters or []] == ["metadata.seed", "metadata.n"]
-    headers = [EpisodeHeader.create_new(benchmark_id=f"b{i}", metadata={}, n_tuples=1,
-                                        terminated=True, timeout=False, created_by="me")
-               for i in range(2)]
+    headers = [
+        EpisodeHeader.create_new(
+            benchmark_id=f"b{i}",
+            metadata={},
+            n_tuples=1,
+            terminated=True,
+            timeout=False,
+            created_by="me",
+        )
+        for i in range(2)
+    ]
     f_or = FilterOR.from_list(headers, on_key="benchmark_id", from_key="benchmark_id")
     assert [g.value for g in f_or.filters] == ["b0", "b1"]
 
 
 def test_rl_tuple_accepts_numpy_and_python_values():
     t = RLTuple.from_env_step(
-        np.arange(3, dtype=np.float32), 1, np.float64(0.5), np.bool_(True), False,
+        np.arange(3, dtype=np.float32),
+        1,
+        np.float64(0.5),
+        np.bool_(True),
+        False,
         {"x": np.int64(3), "y": np.ones(2)},
     )
     assert t.state == [0.0, 1.0, 2.0] and t.action == 1 and t.reward == 0.5
@@ -174,8 +186,14 @@ def test_rl_tuple_accepts_numpy_and_python_values():
 
 
 def test_episode_header_is_pytupli_compatible():
-    header = EpisodeHeader.create_new(benchmark_id="b", metadata={"k": 1}, n_tuples=3,
-                                      terminated=False, timeout=True, created_by="me")
+    header = EpisodeHeader.create_new(
+        benchmark_id="b",
+        metadata={"k": 1},
+        n_tuples=3,
+        terminated=False,
+        timeout=True,
+        created_by="me",
+    )
     assert header.truncated is True
     assert header.published_in == ["me"]
     theirs = pytupli_schema.EpisodeHeader.model_validate(header.model_dump())
@@ -185,7 +203,9 @@ def test_episode_header_is_pytupli_compatible():
 
 
 def test_episode_item_derives_counts_from_tuples():
-    tuples = [RLTuple(state=[0], action=0, reward=1.0), RLTuple(state=[1], action=1, reward=1.0,
-                                                                 terminal=True)]
+    tuples = [
+        RLTuple(state=[0], action=0, reward=1.0),
+        RLTuple(state=[1], action=1, reward=1.0, terminal=True),
+    ]
     item = EpisodeItem.create_new(benchmark_id="b", metadata={}, tuples=tuples, created_by="me")
     assert item.n_tuples == 2 and item.terminated is True and item.timeout is False

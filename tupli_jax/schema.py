@@ -413,11 +413,8 @@ def _ordered(op: FilterType, left: Any, right: Any) -> bool:
     # Strings only compare with strings, numbers (bool included) only with numbers; anything
     # else (None, lists, dicts, mixed types) is incomparable, which makes the leaf false.
     numeric = (bool, int, float)
-    if isinstance(left, str) and isinstance(right, str):
-        pass
-    elif isinstance(left, numeric) and isinstance(right, numeric):
-        pass
-    else:
+    both_str = isinstance(left, str) and isinstance(right, str)
+    if not both_str and not (isinstance(left, numeric) and isinstance(right, numeric)):
         return False
     if op is FilterType.GEQ:
         return bool(left >= right)

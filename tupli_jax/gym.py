@@ -1,0 +1,364 @@
+"""Gymnasium adapter: a drop-in for pytupli's ``TupliEnvWrapper`` and pytupli's public names.
+
+A pytupli user changes only the import line::
+
+    # from pytupli.benchmark import TupliEnvWrapper; from pytupli.storage import FileStorage
+    from tupli_jax.gym import FileStorage, TupliEnvWrapper
+
+Differences from pytupli (fixes and additions):
+
+- Steps are recorded as columns (lists of arrays, stacked once per episode); no pydantic object is
+  built per step unless a ``metadata_callback`` or a custom ``rl_tuple_cls`` needs one.
+- The stored episode keeps the reset observation (``T + 1`` observations); the tuple view keeps
+  pytupli's ``state`` = the observation returned by the step.
+- ``store()`` returns the id; a ``reset()`` in the middle of an episode drops its unfinished
+  steps; numpy rewards, numpy values in ``info`` and Python ``int`` actions are stored fine; an
+  episode is stored only if every step of it was recorded (recording switched on mid-episode
+  starts with the next ``reset()``).
+- Episodes are written in batches (one ``record_episodes`` call per batch). In this process an
+  episode is listed as soon as the step that ends it returns (reads through the same storage
+  object write pending episodes first); ``close()`` and ``flush()`` write them too. Pass
+  ``batch_steps=0`` to write (durably) every episode inside the step that ends it.
+- Extra fields of a custom ``rl_tuple_cls`` survive the round trip (``list_episodes`` on the
+  wrapper rebuilds them); ``load``/``deserialize_env`` use an allow-list loader (``trusted=True``
+  to opt out for payloads you trust).
+
+Example:
+    >>> import gymnasium as gym
+    >>> storage = FileStorage("tupli_store")  # doctest: +SKIP
+    >>> env = TupliEnvWrapper(gym.make("CartPole-v1"), storage)  # doctest: +SKIP
+    >>> bench_id = env.store(name="cartpole")  # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, SupportsFloat
+
+import gymnasium
+import numpy as np
+
+from tupli_jax._gym_record import (
+    BenchmarkMixin,
+    EpisodeSink,
+    copy_tree,
+    extra_tuple_fields,
+    make_episode,
+    stack_trees,
+    tuple_info,
+)
+from tupli_jax._gym_vector import TupliVectorEnvWrapper
+from tupli_jax.schema import (
+    ArtifactMetadata,
+    ArtifactMetadataItem,
+    Benchmark,
+    BenchmarkHeader,
+    BenchmarkMetadata,
+    BenchmarkQuery,
+    Episode,
+    EpisodeHeader,
+    EpisodeItem,
+    EpisodeMetadataCallback,
+    FilterAND,
+    FilterEQ,
+    FilterGEQ,
+    FilterGT,
+    FilterIN,
+    FilterLEQ,
+    FilterLT,
+    FilterNE,
+    FilterOR,
+    RLTuple,
+    to_builtin,
+)
+from tupli_jax.storage.base import TupliStorage, TupliStorageError
+from tupli_jax.storage.file_storage import FileStorage
+
+if TYPE_CHECKING:
+    from tupli_jax.dataset import TupliDataset
+
+__all__ = [
+    "ArtifactMetadata",
+    "ArtifactMetadataItem",
+    "Benchmark",
+    "BenchmarkHeader",
+    "BenchmarkMetadata",
+    "BenchmarkQuery",
+    "Episode",
+    "EpisodeHeader",
+    "EpisodeItem",
+    "EpisodeMetadataCallback",
+    "FileStorage",
+    "FilterAND",
+    "FilterEQ",
+    "FilterGEQ",
+    "FilterGT",
+    "FilterIN",
+    "FilterLEQ",
+    "FilterLT",
+    "FilterNE",
+    "FilterOR",
+    "RLTuple",
+    "TupliDataset",
+    "TupliEnvWrapper",
+    "TupliStorage",
+    "TupliStorageError",
+    "TupliVectorEnvWrapper",
+]
+
+_SCALARS = (int, float, bool, np.generic)  # immutable actions, stored as given
+
+DEFAULT_BATCH_STEPS = 8192
+"""Pending transitions that trigger a write (see ``TupliEnvWrapper``)."""
+DEFAULT_INTERVAL_S = 1.0
+"""Age of the oldest pending episode that triggers a write, in seconds."""
+
+
+def __getattr__(name: str) -> Any:
+    # TupliDataset lives in tupli_jax.dataset, which imports heavier dependencies.
+    if name == "TupliDataset":
+        from tupli_jax.dataset import TupliDataset
+
+        return TupliDataset
+    raise AttributeError(f"module 'tupli_jax.gym' has no attribute {name!r}")
+
+
+class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
+    """Records a Gymnasium env's episodes into a store; pytupli's ``TupliEnvWrapper`` API.
+
+    Args:
+        env: The Gymnasium env to wrap.
+        storage: Where benchmarks and episodes go (``FileStorage`` or any ``TupliStorage``).
+        benchmark_id: Id of an already stored benchmark (else call ``store()``).
+        metadata_callback: Called with each recorded tuple; the dict returned for an episode's
+            last tuple is its metadata; ``reset()`` after every stored or dropped episode.
+        rl_tuple_cls: ``RLTuple`` subclass built per step (only when it differs from
+            ``RLTuple`` or a callback needs tuples). The columns keep what the env returned;
+            from the tuple, its ``info`` and its extra fields are stored (``list_episodes`` on
+            the wrapper rebuilds the class).
+        batch_steps: Write the finished episodes once they hold this many transitions (``0``:
+            write each episode, durably, inside the step that ends it).
+        interval_s: Also write once the oldest pending episode is this many seconds old.
+
+    Attributes:
+        id: The benchmark id (``None`` until stored or given).
+        storage: The storage.
+
+    Example:
+        >>> env = TupliEnvWrapper(gym.make("CartPole-v1"), FileStorage("s"))  # doctest: +SKIP
+        >>> env.store(name="cartpole"); env.reset(seed=0); env.step(0)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        env: gymnasium.Env[Any, Any],
+        storage: TupliStorage,
+        benchmark_id: str | None = None,
+        metadata_callback: EpisodeMetadataCallback | None = None,
+        rl_tuple_cls: type[RLTuple] = RLTuple,
+        *,
+        batch_steps: int = DEFAULT_BATCH_STEPS,
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ) -> None:
+        gymnasium.Wrapper.__init__(self, env)
+        self.storage = storage
+        self.id = benchmark_id
+        self.metadata_callback = metadata_callback
+        self.rl_tuple_cls = rl_tuple_cls
+        self._record_episodes = True
+        self._related_artifacts: list[str] = []
+        self._sink = EpisodeSink(storage, batch_steps=batch_steps, interval_s=interval_s)
+        self._extra_fields = extra_tuple_fields(rl_tuple_cls)
+        # Tuples are built per step only when something consumes them.
+        self._needs_tuples = metadata_callback is not None or rl_tuple_cls is not RLTuple
+        # Columns of the episode being recorded; None when no episode is being recorded.
+        self._observations: list[Any] | None = None
+        self._actions: list[Any] = []
+        self._rewards: list[Any] = []
+        self._infos: list[dict[str, Any] | None] = []
+        self._has_info = False  # some step of the episode returned a non-empty info
+        self._tuples: list[RLTuple] = []
+        self._episode_metadata: dict[str, Any] = {}
+
+    def _benchmark_env(self) -> Any:
+        return self.env
+
+    # -- recording ------------------------------------------------------------------------
+    def activate_recording(self) -> None:
+        """Records from the next ``reset()`` on (an episode is stored only if recorded whole)."""
+        self._record_episodes = True
+
+    def deactivate_recording(self) -> None:
+        """Stops recording; the episode in progress is dropped."""
+        self._record_episodes = False
+        self._drop_episode()
+
+    @property
+    def tuple_buffer(self) -> list[RLTuple]:
+        """The tuples of the episode in progress (pytupli's attribute; built on access)."""
+        if self._observations is None:
+            return []
+        if self._needs_tuples:
+            return list(self._tuples)
+        return [
+            self.rl_tuple_cls.from_env_step(obs, act, rew, False, False, info or {})
+            for obs, act, rew, info in zip(
+                self._observations[1:], self._actions, self._rewards, self._infos, strict=True
+            )
+        ]
+
+    def _drop_episode(self) -> None:
+        started = self._observations is not None and len(self._observations) > 1
+        if started and self.metadata_callback is not None:
+            self.metadata_callback.reset()
+        self._observations = None
+
+    def _begin_episode(self, observation: Any) -> None:
+        self._observations = [copy_tree(observation)]
+        self._actions = []
+        self._rewards = []
+        self._infos = []
+        self._has_info = False
+        self._tuples = []
+        self._episode_metadata = {}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Resets the env; an unfinished recorded episode is dropped, a new one starts."""
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._drop_episode()
+        if self._record_episodes:
+            self._begin_episode(obs)
+        return obs, info
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        """Steps the env and records the transition; a finished episode is queued for storage.
+
+        Returns:
+            The env's ``(observation, reward, terminated, truncated, info)``, unchanged.
+
+        Raises:
+            TupliStorageError: An episode ended but the wrapper has no benchmark id, or a batch
+                write failed.
+        """
+        result = self.env.step(action)
+        observations = self._observations
+        if observations is None or not self._record_episodes:
+            return result
+        obs, reward, terminated, truncated, info = result
+        observations.append(obs.copy() if type(obs) is np.ndarray else copy_tree(obs))
+        if type(action) is np.ndarray:
+            self._actions.append(action.copy())
+        else:
+            self._actions.append(action if isinstance(action, _SCALARS) else copy_tree(action))
+        self._rewards.append(reward)
+        if self._needs_tuples:
+            self._record_tuple(obs, action, reward, terminated, truncated, info)
+        else:
+            if info:
+                self._infos.append(to_builtin(info))
+                self._has_info = True
+            else:
+                self._infos.append(None)
+        if terminated or truncated:
+            self._end_episode(bool(terminated), bool(truncated))
+        return result
+
+    def _record_tuple(
+        self,
+        obs: Any,
+        action: Any,
+        reward: Any,
+        terminated: Any,
+        truncated: Any,
+        info: dict[str, Any],
+    ) -> None:
+        rl_tuple = self.rl_tuple_cls.from_env_step(
+            obs, action, reward, bool(terminated), bool(truncated), info
+        )
+        if self.metadata_callback is not None:
+            self._episode_metadata = dict(self.metadata_callback(rl_tuple))
+        self._tuples.append(rl_tuple)
+        info = tuple_info(rl_tuple, self._extra_fields)
+        self._infos.append(info)
+        self._has_info = self._has_info or bool(info)
+
+    def _end_episode(self, terminated: bool, truncated: bool) -> None:
+        assert self._observations is not None
+        observations = self._observations
+        self._observations = None  # steps after the end are not recorded until reset()
+        if self.metadata_callback is not None:
+            self.metadata_callback.reset()
+        if self.id is None:
+            raise TupliStorageError(
+                "an episode ended but this TupliEnvWrapper has no benchmark id; expected "
+                "store() to be called (or benchmark_id to be given) before recording: call "
+                "store(), or deactivate_recording() to run without recording"
+            )
+        episode = make_episode(
+            stack_trees(observations),
+            stack_trees(self._actions),
+            np.asarray(self._rewards, dtype=np.float64),
+            terminated=terminated,
+            truncated=truncated,
+            benchmark_id=self.id,
+            metadata=self._episode_metadata,
+            infos=[info or {} for info in self._infos] if self._has_info else None,
+        )
+        self._sink.add([episode])
+
+    def close(self) -> None:
+        """Drops the unfinished episode, writes the pending ones, then closes the env."""
+        self._drop_episode()
+        try:
+            self._sink.flush()
+        finally:
+            self.env.close()
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        storage: TupliStorage,
+        benchmark_id: str | None = None,
+        metadata_callback: EpisodeMetadataCallback | None = None,
+        rl_tuple_cls: type[RLTuple] = RLTuple,
+        trusted: bool = False,
+        *,
+        batch_steps: int = DEFAULT_BATCH_STEPS,
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ) -> TupliEnvWrapper:
+        """Loads a stored benchmark and wraps its env.
+
+        Args:
+            storage: The storage holding the benchmark.
+            benchmark_id: The benchmark's id.
+            metadata_callback: As in the constructor.
+            rl_tuple_cls: As in the constructor.
+            trusted: Allow any callable in the stored payload (only for stores you trust).
+            batch_steps: As in the constructor.
+            interval_s: As in the constructor.
+
+        Raises:
+            TupliStorageError: Unknown id.
+            UnsafePayloadError: The payload names something outside the allow-list.
+
+        Example:
+            >>> env = TupliEnvWrapper.load(storage, bench_id)  # doctest: +SKIP
+        """
+        if benchmark_id is None:
+            raise TupliStorageError(
+                "load() needs a benchmark_id; received None: pass the id store() returned"
+            )
+        stored = storage.load_benchmark(benchmark_id)
+        env = cls.deserialize_env(stored.serialized, storage, trusted=trusted)
+        return cls(
+            env,
+            storage,
+            benchmark_id,
+            metadata_callback,
+            rl_tuple_cls,
+            batch_steps=batch_steps,
+            interval_s=interval_s,
+        )

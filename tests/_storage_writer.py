@@ -4,17 +4,25 @@ Usage:
     python tests/_storage_writer.py episodes ROOT BENCH_ID TAG N_BATCHES BATCH_SIZE
     python tests/_storage_writer.py benchmarks ROOT N
     python tests/_storage_writer.py loop ROOT BENCH_ID SEED
+    python tests/_storage_writer.py batch ROOT BENCH_ID BATCH_ID START_AT
+    python tests/_storage_writer.py chunks ROOT BENCH_ID START STOP
 
 ``episodes`` records ``N_BATCHES`` batches of ``BATCH_SIZE`` episodes with metadata
 ``{"writer": TAG, "batch": k, "size": BATCH_SIZE}``. ``benchmarks`` stores benchmarks with hashes
 ``h0 .. h{N-1}``. ``loop`` records random batches (two observation structures, so some batches
 write two shards), deletes whole earlier batches and stores artifacts until it is killed; it prints
-``ready`` after its first commit.
+``ready`` after its first commit. ``batch`` waits until the wall-clock time ``START_AT`` (so
+that racing processes start together), records a fixed batch of 4 episodes under ``BATCH_ID``
+and prints the returned episode ids as JSON. ``chunks`` records chunks ``START .. STOP - 1`` with
+``batch_id=chunk_batch_id(k)``, as a restarted job re-runs its chunks, printing ``committed k``
+after each.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,6 +59,22 @@ def make_episode(
     )
 
 
+def chunk_batch_id(k: int) -> str:
+    """The batch id of chunk ``k`` of the test job."""
+    return f"job-1:chunk:{k}"
+
+
+def chunk_episodes(bench: str, k: int) -> list[EpisodeData]:
+    """The episodes chunk ``k`` of the test job completes: a function of ``k`` alone (0 to 4
+    episodes, some chunks complete none, two observation structures)."""
+    rng = np.random.default_rng([7, k])
+    count = int(rng.integers(0, 5))
+    return [
+        make_episode(rng, bench, {"chunk": k, "i": i}, bool(rng.random() < 0.3))
+        for i in range(count)
+    ]
+
+
 def main(argv: list[str]) -> None:
     mode, root = argv[0], argv[1]
     store = FileStorage(root)
@@ -81,6 +105,18 @@ def main(argv: list[str]) -> None:
             if k % 4 == 1:
                 store.store_artifact(f"artifact {seed} {k}".encode(), ArtifactMetadata(name="a"))
             k += 1
+    elif mode == "batch":
+        bench, batch_id, start_at = argv[2], argv[3], float(argv[4])
+        rng = np.random.default_rng(99)  # every racing process records the same batch
+        batch = [make_episode(rng, bench, {"race": i}) for i in range(4)]
+        time.sleep(max(0.0, start_at - time.time()))
+        headers = store.record_episodes(batch, batch_id=batch_id)
+        print(json.dumps([h.id for h in headers]), flush=True)
+    elif mode == "chunks":
+        bench, start, stop = argv[2], int(argv[3]), int(argv[4])
+        for k in range(start, stop):
+            store.record_episodes(chunk_episodes(bench, k), batch_id=chunk_batch_id(k))
+            print(f"committed {k}", flush=True)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tupli_jax.episode import EpisodeData
 from tupli_jax.schema import (
@@ -475,6 +479,184 @@ def test_a_bad_episode_rejects_the_whole_batch(store: FileStorage, bench: str, c
 def test_record_episodes_wants_a_list(store: FileStorage, bench: str) -> None:
     with pytest.raises(TupliStorageError, match="record_episode"):
         store.record_episodes(_episode(bench))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# idempotent batches (batch_id)
+
+
+def _shard_count(store: FileStorage) -> int:
+    return len(list((store.root / "shards").iterdir()))
+
+
+def _mixed_batch(bench: str) -> list[EpisodeData]:
+    """Three episodes, the middle one with another structure (so it lands in another shard)."""
+    image = {"img": np.arange(12, dtype=np.uint8).reshape(3, 2, 2)}
+    return [
+        _episode(bench, 3, metadata={"i": 0}),
+        _episode(bench, 2, image, metadata={"i": 1}),
+        _episode(bench, 4, metadata={"i": 2}),
+    ]
+
+
+def test_a_batch_id_makes_recording_idempotent(store: FileStorage, bench: str) -> None:
+    assert not store.has_batch("job:chunk:0")
+    first = store.record_episodes(_mixed_batch(bench), batch_id="job:chunk:0")
+    assert store.has_batch("job:chunk:0") and not store.has_batch("job:chunk:1")
+    assert [h.metadata["i"] for h in first] == [0, 1, 2]
+    shards = _shard_count(store)
+    assert shards == 2
+    again = store.record_episodes(_mixed_batch(bench), batch_id="job:chunk:0")
+    assert [h.model_dump() for h in again] == [h.model_dump() for h in first]
+    assert [h.id for h in store.list_episodes()] == [h.id for h in first]
+    assert _shard_count(store) == shards
+    assert list((store.root / "staging").iterdir()) == []
+    # a later batch is appended after it, and a reopened store still knows the batch
+    second = store.record_episodes([_episode(bench, 1)], batch_id="job:chunk:1")
+    reopened = FileStorage(store.root)
+    assert reopened.has_batch("job:chunk:0") and reopened.has_batch("job:chunk:1")
+    replay = reopened.record_episodes(_mixed_batch(bench), batch_id="job:chunk:0")
+    assert [h.id for h in replay] == [h.id for h in first]
+    assert [h.id for h in reopened.list_episodes()] == [h.id for h in first + second]
+    assert reopened.verify() == []
+
+
+def test_an_empty_batch_is_committed_with_no_episode(store: FileStorage, bench: str) -> None:
+    assert store.record_episodes([], batch_id="job:chunk:7") == []
+    assert store.has_batch("job:chunk:7")
+    assert store.record_episodes([], batch_id="job:chunk:7") == []
+    assert store.list_episodes() == [] and _shard_count(store) == 0
+    with pytest.raises(TupliStorageError, match=r"job:chunk:7.*0 episodes"):
+        store.record_episodes([_episode(bench)], batch_id="job:chunk:7")
+    assert store.list_episodes() == []
+    assert store.verify() == []
+
+
+def test_without_a_batch_id_the_same_episodes_are_stored_twice(
+    store: FileStorage, bench: str
+) -> None:
+    a = store.record_episodes([_episode(bench)])
+    b = store.record_episodes([_episode(bench)])
+    assert a[0].id != b[0].id and len(store.list_episodes()) == 2
+
+
+@pytest.mark.parametrize(
+    "batch_id", ["", "a" * 129, "a/b", "../x", "a b", "ch\u00e9", "x;DROP", "new\nline", 5, b"ab"]
+)
+def test_bad_batch_ids_are_refused(store: FileStorage, bench: str, batch_id: Any) -> None:
+    with pytest.raises(TupliStorageError, match="batch id"):
+        store.record_episodes([_episode(bench)], batch_id=batch_id)
+    with pytest.raises(TupliStorageError, match="batch id"):
+        store.has_batch(batch_id)
+    assert store.list_episodes() == [] and _shard_count(store) == 0
+
+
+def test_the_longest_batch_id_and_every_allowed_character(store: FileStorage, bench: str) -> None:
+    for batch_id in ("a" * 128, "AZaz09_.:-"):
+        store.record_episodes([_episode(bench)], batch_id=batch_id)
+        assert store.has_batch(batch_id)
+    assert len(store.list_episodes()) == 2
+
+
+@pytest.mark.parametrize("change", ["fewer", "more", "other lengths"])
+def test_a_batch_id_names_one_batch(store: FileStorage, bench: str, change: str) -> None:
+    first = store.record_episodes(_mixed_batch(bench), batch_id="b")
+    other = {
+        "fewer": _mixed_batch(bench)[:2],
+        "more": [*_mixed_batch(bench), _episode(bench)],
+        "other lengths": [_episode(bench, 3), _episode(bench, 2), _episode(bench, 5)],
+    }[change]
+    with pytest.raises(TupliStorageError, match=r"batch 'b' is already committed.*new batch id"):
+        store.record_episodes(other, batch_id="b")
+    assert [h.id for h in store.list_episodes()] == [h.id for h in first]
+    assert _shard_count(store) == 2
+
+
+def test_a_failed_batch_is_not_committed_and_can_be_retried(store: FileStorage, bench: str) -> None:
+    bad = [_episode(bench), _episode(bench, metadata={"x": object()})]
+    with pytest.raises(TupliStorageError):
+        store.record_episodes(bad, batch_id="job:chunk:0")
+    assert not store.has_batch("job:chunk:0")
+    with pytest.raises(TupliStorageError, match="benchmark"):
+        store.record_episodes([_episode(uuid.uuid4().hex)], batch_id="job:chunk:0")
+    assert not store.has_batch("job:chunk:0") and store.list_episodes() == []
+    headers = store.record_episodes([_episode(bench), _episode(bench, 2)], batch_id="job:chunk:0")
+    assert [h.n_tuples for h in headers] == [3, 2] and store.has_batch("job:chunk:0")
+
+
+def test_a_replay_leaves_out_episodes_deleted_since(store: FileStorage, bench: str) -> None:
+    first = store.record_episodes(_mixed_batch(bench), batch_id="b")
+    store.delete_episode(first[1].id)
+    replay = store.record_episodes(_mixed_batch(bench), batch_id="b")
+    assert [h.id for h in replay] == [first[0].id, first[2].id]
+    assert len(store.list_episodes()) == 2
+
+
+def test_pytupli_tuple_episodes_with_a_batch_id(store: FileStorage, bench: str) -> None:
+    def batch() -> list[Episode]:
+        tuples = [RLTuple(state=[float(t)], action=t, reward=1.0) for t in range(3)]
+        return [Episode(benchmark_id=bench, metadata={"k": 1}, tuples=tuples)]
+
+    first = store.record_episodes(batch(), batch_id="tuples")
+    assert store.record_episodes(batch(), batch_id="tuples") == first
+    assert len(store.list_episodes()) == 1
+
+
+_BATCH_IDS = ["c:0", "c:1", "c:2", "c:3"]
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from([*_BATCH_IDS, None]), st.integers(0, 3)), min_size=1, max_size=8
+    )
+)
+def test_batches_are_stored_once_whatever_the_repeats(
+    tmp_path: Path, ops: list[tuple[str | None, int]]
+) -> None:
+    """Model: a committed batch id keeps its first episodes; a batch without id always adds."""
+    store = FileStorage(tmp_path / uuid.uuid4().hex)
+    bench = store.store_benchmark(_query()).id
+    first_size: dict[str, int] = {}
+    expected: list[str] = []
+    for batch_id, size in ops:
+        if batch_id is not None and batch_id in first_size:
+            size = first_size[batch_id]  # a repeat passes the same episodes
+        batch = [_episode(bench, 1 + j % 3, metadata={"b": batch_id, "j": j}) for j in range(size)]
+        headers = store.record_episodes(batch, batch_id=batch_id)
+        assert [h.metadata for h in headers] == [e.metadata for e in batch]
+        if batch_id is None or batch_id not in first_size:
+            expected.extend(h.id for h in headers)
+        if batch_id is not None:
+            first_size.setdefault(batch_id, size)
+        assert [h.id for h in store.list_episodes()] == expected
+    assert all(store.has_batch(b) == (b in first_size) for b in _BATCH_IDS)
+    assert store.verify() == []
+    store.close()
+
+
+def test_processes_racing_with_one_batch_id_store_one_batch(store: FileStorage, bench: str) -> None:
+    start_at = str(time.time() + 4.0)  # after every writer has imported and opened the store
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WRITER), "batch", str(store.root), bench, "race:0", start_at],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        outputs.append(json.loads(out))
+    headers = store.list_episodes()
+    assert len(headers) == 4 and [h.metadata["race"] for h in headers] == [0, 1, 2, 3]
+    assert all(ids == [h.id for h in headers] for ids in outputs)
+    assert _shard_count(store) == 1
+    assert store.verify() == []
 
 
 # --------------------------------------------------------------------------------------------

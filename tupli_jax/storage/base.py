@@ -79,8 +79,18 @@ class TupliStorage(ABC):
         """Stores one episode (durable when this returns)."""
 
     @abstractmethod
-    def record_episodes(self, episodes: Sequence[Episode | EpisodeData]) -> list[EpisodeHeader]:
-        """Stores a batch of episodes all-or-nothing; headers come back in input order."""
+    def record_episodes(
+        self, episodes: Sequence[Episode | EpisodeData], *, batch_id: str | None = None
+    ) -> list[EpisodeHeader]:
+        """Stores a batch of episodes all-or-nothing; headers come back in input order.
+
+        With ``batch_id``, a batch already committed under that id is not written again: the
+        call returns that batch's headers instead (what makes re-running a job chunk safe).
+        """
+
+    @abstractmethod
+    def has_batch(self, batch_id: str) -> bool:
+        """Whether a batch recorded with ``batch_id`` is committed."""
 
     @abstractmethod
     def load_episode(self, episode_id: str) -> EpisodeData:

@@ -13,6 +13,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 import tupli_jax.gym as tg
 from tupli_jax import schema
+from tupli_jax._gym_record import READ_BARRIER_HOOK
 from tupli_jax.benchmark import UnsafePayloadError, benchmark_hash
 from tupli_jax.gym import (
     ArtifactMetadata,
@@ -771,3 +773,117 @@ def test_works_on_pytupli_storage_too(tmp_path: Path) -> None:
         (_played_rows(p) for p in played), key=lambda ep: json.dumps(ep[0][0])
     )
     assert TupliEnvWrapper.load(store, bench_id).env.spec.id == "CartPole-v1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Visibility of batched episodes: the read-barrier hook, our FileStorage, foreign storages
+# ----------------------------------------------------------------------------------------------
+
+
+class HookStorage(FileStorage):
+    """A real ``FileStorage`` with the ``add_read_barrier`` hook as specified for FileStorage:
+    callbacks held weakly, run before every method that reads stored episodes."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.barriers: list[weakref.WeakMethod[Any]] = []
+        self.batches: list[int] = []
+
+    def add_read_barrier(self, flush: Any) -> None:
+        self.barriers.append(weakref.WeakMethod(flush))
+
+    def _run_barriers(self) -> None:
+        for ref in list(self.barriers):
+            flush = ref()
+            if flush is not None:
+                flush()
+
+    def record_episodes(self, episodes: Any, **kwargs: Any) -> Any:
+        self.batches.append(len(episodes))
+        return super().record_episodes(episodes, **kwargs)
+
+    def list_episodes(self, *args: Any, **kwargs: Any) -> Any:
+        self._run_barriers()
+        return super().list_episodes(*args, **kwargs)
+
+
+def _steps_until_episodes_end(env: Any, check: Any, n_steps: int = 200) -> int:
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    ended = 0
+    for _ in range(n_steps):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            ended += 1
+            check(ended)
+            env.reset()
+    return ended
+
+
+def test_storage_with_the_hook_batches_and_is_not_patched(tmp_path: Path) -> None:
+    store = HookStorage(tmp_path / "s")
+    env = TupliEnvWrapper(gymnasium.make("CartPole-v1"), store, batch_steps=10**6, interval_s=1e6)
+    env.store(name="cp")
+    assert len(store.barriers) == 1
+    other = FileStorage(tmp_path / "s")  # another reader: sees only what is on disk
+
+    def check(ended: int) -> None:
+        assert len(other.list_episodes()) == sum(store.batches)  # pending until a read
+        assert len(store.list_episodes()) == ended  # the hook wrote them first
+        assert sum(store.batches) == ended
+
+    ended = _steps_until_episodes_end(env, check)
+    assert ended >= 3 and store.batches == [1] * ended
+    assert not {"list_episodes", "load_episode", "_episode_locations"} & set(vars(store))
+    env.close()
+    del env
+    gc.collect()
+    assert [ref() for ref in store.barriers] == [None]  # held weakly: gone with the wrapper
+
+
+def test_our_file_storage_without_the_hook_still_sees_pending_episodes(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path / "s")
+    if hasattr(store, READ_BARRIER_HOOK):
+        pytest.skip("FileStorage has the read-barrier hook: the interim path is gone")
+    env = TupliEnvWrapper(gymnasium.make("CartPole-v1"), store, batch_steps=10**6, interval_s=1e6)
+    env.store(name="cp")
+    other = FileStorage(tmp_path / "s")
+
+    def check(ended: int) -> None:
+        assert len(other.list_episodes()) < ended  # batched: not yet on disk ...
+        assert len(store.list_episodes()) == ended  # ... but listed through this storage
+
+    assert _steps_until_episodes_end(env, check) >= 3
+
+
+def test_wrapper_list_episodes_and_flush_write_pending_episodes(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path / "s")
+    env = TupliEnvWrapper(gymnasium.make("CartPole-v1"), store, batch_steps=10**6, interval_s=1e6)
+    env.store(name="cp")
+    played = play(env, 3, seed=4)
+    other = FileStorage(tmp_path / "s")
+    assert other.list_episodes() == []
+    assert len(env.list_episodes()) == 3  # explicit flush, whatever the storage
+    assert sorted(h.n_tuples for h in other.list_episodes()) == sorted(
+        len(p.actions) for p in played
+    )
+    play(env, 2, seed=9)
+    assert len(env.flush()) == 2 and len(other.list_episodes()) == 5
+    assert env.flush() == []
+
+
+def test_foreign_storage_gets_each_episode_inside_its_step_and_is_not_patched(
+    tmp_path: Path,
+) -> None:
+    pytupli_storage = pytest.importorskip("pytupli.storage")
+    store = pytupli_storage.FileStorage(str(tmp_path / "pytupli"))
+    before = dict(vars(store))
+    env = TupliEnvWrapper(gymnasium.make("CartPole-v1"), store, batch_steps=10**6)
+    env.store(name="cp")
+    assert not env._sink.batched
+
+    def check(ended: int) -> None:
+        assert len(store.list_episodes()) == ended
+
+    assert _steps_until_episodes_end(env, check, n_steps=80) >= 2
+    assert {k: v for k, v in vars(store).items() if k in before or callable(v)} == before

@@ -28,6 +28,8 @@ from tupli_jax.storage.shards import (
     open_shard,
     verify_shard,
     write_shard,
+    write_shard_columns,
+    write_shards,
 )
 
 
@@ -237,9 +239,11 @@ def test_loaded_episode_arrays_are_independent_copies(tmp_path: Path) -> None:
         shard.columns("obs")[0][0, 0] = 1.0
 
 
-def test_jax_and_big_endian_inputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("foreign_first", [True, False])
+def test_jax_and_big_endian_inputs(tmp_path: Path, foreign_first: bool) -> None:
+    """Byte-swapped and jax leaves, in the first episode (layout) or a later one (fast path)."""
     obs = np.arange(12, dtype=">f4").reshape(4, 3)
-    episode = EpisodeData(
+    foreign = EpisodeData(
         observations={"x": obs, "j": jnp.arange(4, dtype=jnp.int32)},
         actions=jnp.zeros(3, jnp.int32),
         rewards=np.ones(3, np.float32),
@@ -247,8 +251,19 @@ def test_jax_and_big_endian_inputs(tmp_path: Path) -> None:
         terminated=False,
         truncated=False,
     )
-    info = write_shard(tmp_path, [episode])
-    loaded = open_shard(tmp_path / info.name, info.checksum).episode(0, 4, 3)
+    native = EpisodeData(
+        observations={"x": np.ones((3, 3), np.float32), "j": np.arange(3, dtype=np.int32)},
+        actions=np.ones(2, np.int32),
+        rewards=np.ones(2, np.float32),
+        discounts=np.ones(2, np.float32),
+        terminated=False,
+        truncated=False,
+    )
+    episodes = [foreign, native] if foreign_first else [native, foreign]
+    assert group_by_structure(episodes) == [[0, 1]]
+    info = write_shard(tmp_path, episodes)
+    start, stop = info.ranges[0 if foreign_first else 1]
+    loaded = open_shard(tmp_path / info.name, info.checksum).episode(start, stop, 3)
     assert loaded.observations["x"].dtype == np.float32
     np.testing.assert_array_equal(loaded.observations["x"], obs)
     assert loaded.observations["j"].tolist() == [0, 1, 2, 3]
@@ -684,3 +699,206 @@ def test_property_random_batches_round_trip(
             [jax.tree_util.tree_leaves(ep.observations)[i] for ep in episodes]
         )
         assert column.shape == expected.shape and column.tobytes() == expected.tobytes()
+
+
+# -- fast batch path: first error, write_shards, write_shard_columns --------------------------
+
+
+def test_batch_error_names_the_first_bad_episode(tmp_path: Path) -> None:
+    """The vectorised checks find problems by kind; the message still names the first one."""
+    rng = np.random.default_rng(20)
+    episodes = [_cartpole(rng, 3) for _ in range(5)]
+    episodes[1].infos = [{"bad": object()}, {}, {}]  # found last by the fast path
+    episodes[3].actions = np.zeros(7, np.int64)  # a length error, found before infos
+    episodes[4].observations = episodes[4].observations.astype(np.float64)  # structure
+    with pytest.raises(TupliStorageError, match=r"^episode 1: infos\[0\]"):
+        write_shard(tmp_path, episodes)
+    episodes[1].infos = None
+    with pytest.raises(TupliStorageError, match=r"^episode 3: actions has leading length 7"):
+        write_shard(tmp_path, episodes)
+    assert _names(tmp_path) == []
+
+
+def test_group_by_structure_many_interleaved(tmp_path: Path) -> None:
+    rng = np.random.default_rng(21)
+    kinds = rng.integers(0, 3, 200)
+    makers = [
+        lambda: _cartpole(rng, int(rng.integers(1, 5))),
+        lambda: _grid_episode(rng, int(rng.integers(1, 4))),
+        lambda: _cartpole(rng, int(rng.integers(1, 5)), reset=False),  # same layout as kind 0
+    ]
+    episodes = [makers[k]() for k in kinds]
+    expected_cart = [i for i, k in enumerate(kinds) if k != 1]
+    expected_grid = [i for i, k in enumerate(kinds) if k == 1]
+    first_is_cart = kinds[0] != 1
+    expected = [expected_cart, expected_grid] if first_is_cart else [expected_grid, expected_cart]
+    assert group_by_structure(episodes) == expected
+
+
+def test_group_by_structure_dict_key_order_is_one_group() -> None:
+    rng = np.random.default_rng(22)
+    a, b = _cartpole(rng, 2), _cartpole(rng, 3)
+    a.observations = {"x": a.observations, "y": np.arange(3)}
+    b.observations = {"y": np.arange(4), "x": b.observations}  # another insertion order
+    assert group_by_structure([a, b, a, b]) == [[0, 1, 2, 3]]
+
+
+def test_write_shards_groups_and_round_trips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(23)
+    episodes = [
+        _cartpole(rng, 3),
+        _grid_episode(rng, 2),
+        _cartpole(rng, 4, reset=False),
+        _grid_episode(rng, 5),
+        _cartpole(rng, 1),
+    ]
+    written = write_shards(tmp_path, episodes, compression="zstd", fsync_directory=False)
+    assert [indices for indices, _ in written] == [[0, 2, 4], [1, 3]]
+    assert sorted(_names(tmp_path)) == sorted(info.name for _, info in written)
+    for indices, info in written:
+        _load_all(tmp_path, info, [episodes[i] for i in indices])
+    assert write_shards(tmp_path, []) == []
+
+
+def test_write_shards_validates_every_group_before_writing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(24)
+    bad = _grid_episode(rng, 3)
+    bad.discounts = np.ones(2, np.float32)
+    with pytest.raises(TupliStorageError, match=r"^episode 2: discounts has leading length 2"):
+        write_shards(tmp_path, [_cartpole(rng, 3), _grid_episode(rng, 2), bad])
+    with pytest.raises(TupliStorageError, match=r"^episode 1 is a dict"):
+        write_shards(tmp_path, [_cartpole(rng, 3), {"observations": []}])
+    complex_obs = _cartpole(rng, 2)
+    complex_obs.observations = complex_obs.observations.astype(np.complex64)
+    with pytest.raises(TupliStorageError, match=r"^episode 1: observations has dtype complex64"):
+        write_shards(tmp_path, [_cartpole(rng, 3), complex_obs])
+    assert _names(tmp_path) == []
+
+
+def _packed(episodes: list[EpisodeData]) -> dict[str, Any]:
+    """The columns of ``episodes`` packed back to back, as write_shard_columns takes them."""
+
+    def cat(trees: list[Any]) -> Any:
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *trees)
+
+    return {
+        "observations": cat([e.observations for e in episodes]),
+        "actions": cat([e.actions for e in episodes]),
+        "rewards": np.concatenate([e.rewards for e in episodes]),
+        "discounts": np.concatenate([e.discounts for e in episodes]),
+        "extras": cat([e.extras for e in episodes]),
+        "n_tuples": np.array([e.length for e in episodes]),
+        "has_reset_observation": np.array([e.has_reset_observation for e in episodes]),
+        "infos": [e.infos for e in episodes],
+    }
+
+
+def test_write_shard_columns_writes_the_same_file_as_write_shard(tmp_path: Path) -> None:
+    rng = np.random.default_rng(25)
+    episodes = [_grid_episode(rng, n) for n in (3, 1, 6)]
+    episodes[1].has_reset_observation = False
+    episodes[1].observations = jax.tree_util.tree_map(lambda x: x[1:], episodes[1].observations)
+    episodes[2].infos = None
+    from_columns = write_shard_columns(tmp_path / "a", **_packed(episodes))
+    from_episodes = write_shard(tmp_path / "b", episodes)
+    assert from_columns.ranges == from_episodes.ranges == [(0, 4), (4, 5), (5, 12)]
+    assert (tmp_path / "a" / from_columns.name).read_bytes() == (
+        tmp_path / "b" / from_episodes.name
+    ).read_bytes()
+    _load_all(tmp_path / "a", from_columns, episodes)
+
+
+def test_write_shard_columns_scalar_has_reset_and_defaults(tmp_path: Path) -> None:
+    info = write_shard_columns(
+        tmp_path,
+        observations=np.arange(10, dtype=np.float32).reshape(5, 2),
+        actions=np.array([1, 0, 1]),
+        rewards=np.array([1.0, 2.0, 3.0], np.float32),
+        discounts=np.array([1.0, 0.0, 1.0], np.float32),
+        n_tuples=[2, 1],
+    )
+    shard = open_shard(tmp_path / info.name, info.checksum)
+    first, second = shard.episode(0, 3, 2), shard.episode(3, 5, 1)
+    assert first.observations.tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert first.actions.tolist() == [1, 0] and second.actions.tolist() == [1]
+    assert second.rewards.tolist() == [3.0] and second.observations.tolist() == [[6, 7], [8, 9]]
+    assert shard.columns("act")[0].tolist() == [1, 0, 0, 1, 0]  # a zero on observation-only rows
+    assert first.extras == {} and first.infos is None
+
+
+def _bad_columns() -> dict[str, tuple[dict[str, Any], str]]:
+    base: dict[str, Any] = {
+        "observations": np.zeros((5, 2), np.float32),
+        "actions": np.zeros(3, np.int64),
+        "rewards": np.ones(3, np.float32),
+        "discounts": np.ones(3, np.float32),
+        "n_tuples": np.array([2, 1]),
+    }
+    return {
+        "empty_episode": ({**base, "n_tuples": np.array([3, 0])}, r"episode 1 is empty"),
+        "no_episodes": ({**base, "n_tuples": np.array([], np.int64)}, r"non-empty 1-D integer"),
+        "float_counts": ({**base, "n_tuples": np.array([2.0, 1.0])}, r"dtype float64"),
+        "obs_rows": (
+            {**base, "observations": np.zeros((4, 2), np.float32)},
+            r"observations has leading length 4; expected 5 = sum\(n_tuples \+ has_reset",
+        ),
+        "action_rows": (
+            {**base, "actions": {"a": np.zeros(4, np.int64)}},
+            r"actions\.a has leading length 4; expected 3 = sum\(n_tuples\)",
+        ),
+        "reset_shape": (
+            {**base, "has_reset_observation": np.array([True, False, True])},
+            r"has_reset_observation must be a bool or a bool array of shape \(2,\)",
+        ),
+        "extras_type": ({**base, "extras": [np.zeros(3)]}, r"extras is a list; expected a dict"),
+        "infos_count": ({**base, "infos": [None]}, r"infos has 1 entries; expected None or one"),
+        "infos_steps": ({**base, "infos": [[{}], None]}, r"episode 0: infos has 1 entries"),
+        "dtype": (
+            {**base, "rewards": np.ones(3, np.complex64)},
+            r"rewards has dtype complex64",
+        ),
+        "reward_tree": ({**base, "rewards": (np.ones(3),)}, r"rewards is a tuple; expected one"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_columns()))
+def test_write_shard_columns_refuses_bad_input(tmp_path: Path, case: str) -> None:
+    columns, message = _bad_columns()[case]
+    with pytest.raises(TupliStorageError, match=message):
+        write_shard_columns(tmp_path, **columns)
+    assert not tmp_path.exists() or _names(tmp_path) == []
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    obs=_templates,
+    act=_templates,
+    lengths=st.lists(st.tuples(st.integers(1, 5), st.booleans()), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_property_columns_and_episodes_paths_agree(
+    tmp_path_factory: pytest.TempPathFactory,
+    obs: Any,
+    act: Any,
+    lengths: list[tuple[int, bool]],
+    seed: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    directory = tmp_path_factory.mktemp("columns")
+    episodes = [
+        EpisodeData(
+            observations=_instantiate(obs, rng, n + 1 if reset else n),
+            actions=_instantiate(act, rng, n),
+            rewards=rng.random(n).astype(np.float32),
+            discounts=rng.random(n).astype(np.float32),
+            terminated=False,
+            truncated=False,
+            has_reset_observation=reset,
+        )
+        for n, reset in lengths
+    ]
+    a = write_shard_columns(directory / "a", **_packed(episodes))
+    b = write_shard(directory / "b", episodes)
+    assert a.ranges == b.ranges and a.n_rows == b.n_rows
+    assert (directory / "a" / a.name).read_bytes() == (directory / "b" / b.name).read_bytes()
+    _load_all(directory / "a", a, episodes)

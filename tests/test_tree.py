@@ -16,12 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tupli_jax._tree import (
+    compile_flatten_as,
     flatten,
     flatten_as,
     leaf_names,
     num_leaves,
     spec_key,
     specs_equal,
+    structure_key,
     unflatten,
 )
 
@@ -295,3 +297,136 @@ def test_property_round_trip_and_jax_order(template: Any, seed: int) -> None:
     _assert_same_tree(unflatten(spec, leaves), tree)
     assert len(leaf_names(spec, "obs")) == len(set(leaf_names(spec, "obs"))) == len(leaves)
     assert flatten_as(spec, tree) is not None
+
+
+# -- compiled flatten_as and structure keys ----------------------------------------------------
+
+
+def _reference_flatten_as(spec: Any, tree: Any) -> list[np.ndarray] | None:
+    """flatten_as by definition: the tree flattens to an equal spec (structure, dtypes, shapes)."""
+    try:
+        leaves, other = flatten(tree, leading_axis=True)
+    except (TypeError, ValueError):
+        return None
+    return leaves if specs_equal(spec, other) else None
+
+
+def _perturbations(tree: Any, rng: np.random.Generator) -> list[Any]:
+    """Trees that differ from ``tree`` in one place (or not at all: the leading axis)."""
+    out: list[Any] = []
+    leaves, spec = flatten(tree)
+    for i, leaf in enumerate(leaves):
+        for change in (
+            lambda a: a.astype(np.float16 if a.dtype != np.float16 else np.float32),
+            lambda a: a[:, :1] if a.ndim > 1 else a[:, None],  # another per-row shape
+            lambda a: a[0],  # no leading axis
+            lambda a: np.concatenate([a, a]),  # another leading length: still matches
+            lambda a: a.astype(a.dtype.newbyteorder()),  # same dtype name: still matches
+            lambda a: jnp.asarray(a) if a.dtype.itemsize < 8 else a.tolist(),
+        ):
+            changed = list(leaves)
+            changed[i] = change(leaf)
+            out.append(unflatten(spec, changed))
+    if isinstance(tree, dict):
+        out += [{**tree, "zz": None}, {k: v for k, v in list(tree.items())[1:]}]
+        out.append(collections.defaultdict(list, tree))
+    if isinstance(tree, list):
+        out += [tuple(tree), [*tree, None]]
+    if type(tree) is tuple:
+        out += [list(tree), tree[:-1]]
+    if isinstance(tree, Position):
+        out += [tuple(tree), Position(tree.col, tree.row)]
+    out.append(None if tree is not None else np.zeros((2, 3)))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(template=_trees, seed=st.integers(0, 2**16))
+def test_property_compiled_flatten_as_agrees_with_flatten(template: Any, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tree = _build(template, rng)
+    _, spec = flatten(tree, leading_axis=True)
+    spec = json.loads(json.dumps(spec))  # as read from a file
+    compiled = compile_flatten_as(spec)
+    for candidate in [tree, _build(template, rng), *_perturbations(tree, rng)]:
+        expected = _reference_flatten_as(spec, candidate)
+        received = compiled(candidate)
+        assert (received is None) == (expected is None), candidate
+        if expected is not None and received is not None:
+            assert len(received) == len(expected)
+            for ours, theirs in zip(received, expected, strict=True):
+                assert type(ours) is np.ndarray
+                assert ours.dtype == theirs.dtype and ours.tobytes() == theirs.tobytes()
+        assert flatten_as(spec, candidate) is None if expected is None else True
+
+
+def test_compiled_flatten_as_is_cached_per_spec() -> None:
+    _, spec = flatten({"a": np.zeros((2, 3))}, leading_axis=True)
+    _, same = flatten({"a": np.ones((9, 3))}, leading_axis=True)
+    _, other = flatten({"a": np.ones((9, 4))}, leading_axis=True)
+    assert compile_flatten_as(spec) is compile_flatten_as(same)
+    assert compile_flatten_as(spec) is not compile_flatten_as(other)
+
+
+def test_compiled_flatten_as_treats_names_as_data() -> None:
+    """Keys, field names and class names that look like code are compared, never executed."""
+    hostile = "x'] or __import__('os').system('echo pwned') or ['"
+    Odd = collections.namedtuple("Odd", ["a_b", "c"])
+    tree = {hostile: np.zeros((2, 1)), 'q"\n\\': Odd(np.zeros(2), None)}
+    _, spec = flatten(tree, leading_axis=True)
+    node = next(c for c in spec["children"] if c["kind"] == "namedtuple")
+    node["qualname"] = hostile
+    assert compile_flatten_as(spec)(tree) is None  # the class's real qualname differs
+    node["qualname"] = "Odd"
+    leaves = compile_flatten_as(spec)(tree)
+    assert leaves is not None and [leaf.shape for leaf in leaves] == [(2,), (2, 1)]
+
+
+def test_compiled_flatten_as_does_not_grow_a_defaultdict() -> None:
+    _, spec = flatten({"a": np.zeros((2, 1)), "b": np.zeros((2, 1))}, leading_axis=True)
+    tree = collections.defaultdict(lambda: np.zeros((2, 1)), {"a": np.zeros((2, 1)), "c": 1})
+    assert compile_flatten_as(spec)(tree) is None
+    assert sorted(tree) == ["a", "c"]
+
+
+def test_compiled_flatten_as_needs_a_spec_with_leaf_dtypes() -> None:
+    with pytest.raises(ValueError, match="no dtype/shape"):
+        compile_flatten_as(flatten({"a": 1})[1])
+    with pytest.raises(ValueError, match="invalid TreeSpec"):
+        compile_flatten_as({"kind": "pickle"})
+
+
+def test_structure_key_groups_like_specs() -> None:
+    a = {"x": np.zeros((3, 2), np.float32), "p": Position(np.zeros(3), None)}
+    b = {"x": np.ones((7, 2), np.float32), "p": Position(np.ones(7), None)}
+    assert structure_key(a) == structure_key(b)
+    assert hash(structure_key(a)) == hash(structure_key(b))
+    different = [
+        {"x": np.zeros((3, 3), np.float32), "p": Position(np.zeros(3), None)},
+        {"x": np.zeros((3, 2), np.float64), "p": Position(np.zeros(3), None)},
+        {"x": np.zeros((3, 2), np.float32), "p": (np.zeros(3), None)},
+        {"x": np.zeros((3, 2), np.float32), "q": Position(np.zeros(3), None)},
+        {"x": np.zeros(2, np.float32)[0], "p": Position(np.zeros(3), None)},
+    ]
+    for tree in different:
+        assert structure_key(tree) != structure_key(a)
+
+
+@settings(max_examples=60, deadline=None)
+@given(templates=st.lists(_trees, min_size=1, max_size=4), picks=st.lists(st.integers(0, 3)))
+def test_property_equal_structure_keys_mean_equal_specs(
+    templates: list[Any], picks: list[int]
+) -> None:
+    rng = np.random.default_rng(len(picks))
+    trees = [_build(templates[i % len(templates)], rng) for i in picks] + [
+        _build(t, rng) for t in templates
+    ]
+    for x in trees:
+        for y in trees:
+            if structure_key(x) == structure_key(y):
+                assert spec_key(flatten(x, leading_axis=True)[1]) == spec_key(
+                    flatten(y, leading_axis=True)[1]
+                )
+    # the same template always gives the same key (ndarray leaves only)
+    for template in templates:
+        assert structure_key(_build(template, rng)) == structure_key(_build(template, rng))

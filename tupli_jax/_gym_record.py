@@ -1,12 +1,20 @@
 """Shared recording machinery of the Gymnasium adapters (``tupli_jax.gym``). Host side, numpy only.
 
 - ``stack_trees`` / ``copy_tree``: per-episode column building for observation/action pytrees.
-- ``EpisodeSink``: batches finished episodes into one ``record_episodes`` call per batch, keeping
-  pytupli's visibility rule (an episode is listed as soon as the step that ends it returns) with a
-  *read barrier*: every episode-reading method of the storage object flushes the pending batch
-  first. Batches are written when they hold ``batch_steps`` transitions, when the oldest pending
-  episode is ``interval_s`` old, before any read through the same storage object, on ``flush()`` /
-  ``close()``, when the sink is garbage collected and at interpreter exit.
+- ``EpisodeSink``: batches finished episodes into one ``record_episodes`` call per batch while
+  keeping pytupli's visibility rule (an episode is listed as soon as the step that ends it
+  returns). How, by storage (see ``EpisodeSink``):
+
+  1. a storage with the read-barrier hook ``add_read_barrier(flush)`` runs the sink's ``flush``
+     before every episode read: batched writes, nothing patched;
+  2. tupli_jax's own ``FileStorage`` without that hook (until it lands): the sink wraps the
+     episode-reading methods of that instance (``_READ_METHODS``) to flush first;
+  3. any other storage (pytupli's ``FileStorage``, an API client): every episode is written
+     inside the step that ends it, as pytupli does; no foreign object is touched.
+
+  Batches are written when they hold ``batch_steps`` transitions, when the oldest pending
+  episode is ``interval_s`` old, before reads as above, on ``flush()`` / ``close()`` /
+  ``list_episodes`` through the wrapper, when the sink is garbage collected and at exit.
 - Custom ``RLTuple`` subclasses: their extra fields are kept per step in the info JSON under
   ``RL_TUPLE_FIELDS_KEY`` and restored by ``restore_tuple``.
 
@@ -46,8 +54,10 @@ from tupli_jax.schema import (
     to_builtin,
 )
 from tupli_jax.storage.base import TupliStorageError
+from tupli_jax.storage.file_storage import FileStorage
 
 __all__ = [
+    "READ_BARRIER_HOOK",
     "RL_TUPLE_FIELDS_KEY",
     "BenchmarkMixin",
     "EpisodeSink",
@@ -64,7 +74,10 @@ RL_TUPLE_FIELDS_KEY = "__rl_tuple_fields__"
 
 _BASE_TUPLE_FIELDS = frozenset(RLTuple.model_fields)
 
-# Methods of a storage that read or change stored episodes: pending episodes go first.
+READ_BARRIER_HOOK = "add_read_barrier"
+"""Name of the storage method a sink registers its ``flush`` with (see ``EpisodeSink``)."""
+
+# Interim, for FileStorage without the hook: its methods that read or change stored episodes.
 _READ_METHODS = (
     "list_episodes",
     "load_episode",
@@ -276,20 +289,31 @@ def _with_barrier(method: Callable[..., Any], sinks: weakref.WeakSet[EpisodeSink
     return read_after_pending_writes
 
 
-def _install_barrier(storage: Any, sink: EpisodeSink) -> bool:
+def _install_barrier(storage: FileStorage, sink: EpisodeSink) -> None:
+    """Interim read barrier for a ``FileStorage`` without ``add_read_barrier``: wraps that
+    instance's episode-reading methods so that they flush the pending episodes first."""
     sinks: weakref.WeakSet[EpisodeSink] | None = getattr(storage, _SINKS_ATTR, None)
     if sinks is None:
         sinks = weakref.WeakSet()
-        try:
-            setattr(storage, _SINKS_ATTR, sinks)
-            for name in _READ_METHODS:
-                method = getattr(storage, name, None)
-                if callable(method):
-                    setattr(storage, name, _with_barrier(method, sinks))
-        except AttributeError:  # a storage without instance attributes (__slots__)
-            return False
+        setattr(storage, _SINKS_ATTR, sinks)
+        for name in _READ_METHODS:
+            method = getattr(storage, name, None)
+            if callable(method):
+                setattr(storage, name, _with_barrier(method, sinks))
     sinks.add(sink)
-    return True
+
+
+def _make_visible_on_read(storage: Any, sink: EpisodeSink) -> bool:
+    """Arranges for ``storage``'s readers to see the sink's pending episodes; False if this
+    storage offers no way to, so that the sink must write every episode when it ends."""
+    hook = getattr(storage, READ_BARRIER_HOOK, None)
+    if callable(hook):
+        hook(sink.flush)
+        return True
+    if isinstance(storage, FileStorage):
+        _install_barrier(storage, sink)
+        return True
+    return False
 
 
 class EpisodeSink:
@@ -303,10 +327,19 @@ class EpisodeSink:
         interval_s: Write when the oldest pending episode is older than this (checked when an
             episode ends).
 
-    Reads through the same storage object (``list_episodes``, ``load_episode``, ...) write the
-    pending episodes first, so in this process an episode is listed as soon as the step that
-    ended it returned. Other processes see it after the next write (at most ``batch_steps``
-    transitions or ``interval_s`` seconds later, or at ``close()``).
+    Visibility: an episode is listed by ``storage.list_episodes`` (and every other episode
+    read) as soon as the step that ended it returned, in this process:
+
+    - if ``storage`` has ``add_read_barrier(flush)`` (the hook specified for ``FileStorage``:
+      it holds ``flush`` weakly and calls it before every method that reads or changes stored
+      episodes), the sink registers its ``flush`` there;
+    - else, if ``storage`` is tupli_jax's ``FileStorage``, the sink wraps that instance's
+      episode-reading methods (interim, until ``FileStorage`` has the hook);
+    - else (pytupli's storage, an API client) ``batch_steps`` is ignored and every episode is
+      written inside the step that ends it.
+
+    Other processes see the episodes after the next write (at most ``batch_steps`` transitions
+    or ``interval_s`` seconds later, or at ``close()``).
 
     Example:
         >>> sink = EpisodeSink(storage, batch_steps=4096, interval_s=1.0)  # doctest: +SKIP
@@ -325,9 +358,14 @@ class EpisodeSink:
         self._pending: list[EpisodeData] = []
         self._pending_steps = 0
         self._oldest = 0.0
-        if not _install_barrier(storage, self):
-            self._batch_steps = 0  # no barrier possible: keep pytupli's write-per-episode rule
+        if self._batch_steps > 0 and not _make_visible_on_read(storage, self):
+            self._batch_steps = 0  # no way to flush before reads: pytupli's write-per-episode
         weakref.finalize(self, _flush_at_exit, storage, self._pending)
+
+    @property
+    def batched(self) -> bool:
+        """Whether episodes are written in batches (else each inside the step ending it)."""
+        return self._batch_steps > 0
 
     @property
     def pending(self) -> int:
@@ -515,6 +553,7 @@ class BenchmarkMixin:
         """
         own = FilterEQ(key="benchmark_id", value=self._require_id("list episodes"))
         combined = own if filter is None else FilterAND(filters=[own, filter])
+        self._sink.flush()  # explicit: pending episodes are listed whatever the storage
         found = self.storage.list_episodes(combined, include_tuples=include_tuples)
         if not include_tuples:
             return list(found)

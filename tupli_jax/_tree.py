@@ -33,13 +33,15 @@ from __future__ import annotations
 import collections
 import json
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = [
     "TreeSpec",
+    "compile_flatten_as",
     "dtype_name",
     "flatten",
     "flatten_as",
@@ -47,6 +49,7 @@ __all__ = [
     "num_leaves",
     "spec_key",
     "specs_equal",
+    "structure_key",
     "unflatten",
 ]
 
@@ -172,8 +175,8 @@ def _flatten(node: Any, path: str, leaves: list[np.ndarray], leading_axis: bool)
 def flatten_as(spec: TreeSpec, tree: Any) -> list[np.ndarray] | None:
     """Flattens ``tree`` if it has exactly the structure, dtypes and per-row shapes of ``spec``.
 
-    A fast path for many trees of one structure: no spec is built, so nothing but the leaves is
-    allocated. ``spec`` must come from ``flatten(..., leading_axis=True)``.
+    For one tree; to flatten many trees of one structure, compile the check once with
+    ``compile_flatten_as``. ``spec`` must come from ``flatten(..., leading_axis=True)``.
 
     Returns:
         The leaves (as ``flatten`` returns them), or ``None`` if ``tree`` does not match.
@@ -183,49 +186,207 @@ def flatten_as(spec: TreeSpec, tree: Any) -> list[np.ndarray] | None:
         >>> len(flatten_as(spec, {"a": np.ones((5, 3))})), flatten_as(spec, {"a": np.ones(5)})
         (1, None)
     """
-    leaves: list[np.ndarray] = []
-    return leaves if _flatten_as(spec, tree, leaves) else None
+    return compile_flatten_as(spec)(tree)
 
 
-def _flatten_as(spec: TreeSpec, node: Any, leaves: list[np.ndarray]) -> bool:
-    kind = spec["kind"]
-    if kind == "leaf":
-        if type(node) is not np.ndarray:
-            if not _is_leaf(node) or _is_namedtuple(node):
-                return False
-            node = np.asarray(node)
-        if node.ndim == 0 or dtype_name(node.dtype) != spec["dtype"]:
-            return False
-        if list(node.shape[1:]) != spec["shape"]:
-            return False
-        leaves.append(node)
-        return True
-    if kind == "none":
-        return node is None
-    children = spec["children"]
-    values: Sequence[Any]
-    if kind == "dict":
-        if not isinstance(node, dict) or len(node) != len(children):
-            return False
-        try:
-            values = [node[key] for key in spec["keys"]]
-        except KeyError:
-            return False
-    elif kind == "namedtuple":
+_MISSING = object()
+_COMPILED: collections.OrderedDict[str, Callable[[Any], list[np.ndarray] | None]] = (
+    collections.OrderedDict()
+)  # by spec_key, most recently used last
+_COMPILED_MAX = 128
+_COMPILED_LOCK = threading.Lock()
+
+
+def compile_flatten_as(spec: TreeSpec) -> Callable[[Any], list[np.ndarray] | None]:
+    """``flatten_as`` for one ``spec``, compiled once into a flat function for many trees.
+
+    Compiled functions are cached by ``spec_key`` (128 most recent specs). The spec is turned
+    into straight-line Python (as ``collections.namedtuple`` and
+    ``dataclasses`` generate their methods): one local variable per node, no recursion, no
+    lookups in the spec. Only generated identifiers appear in the source; dict keys, dtypes,
+    shapes and classes are passed as constants, so no string from a spec or a tree is ever
+    executed. A leaf costs an identity test on its dtype (a name comparison only for
+    non-native byte order), an ``ndim`` and a per-row shape comparison; NamedTuple classes are
+    compared by module, qualname and fields once per class, then by identity.
+
+    Args:
+        spec: A spec from ``flatten(..., leading_axis=True)`` (leaves carry dtype and shape).
+
+    Returns:
+        ``fn(tree) -> leaves | None``, exactly ``flatten_as(spec, tree)``.
+
+    Raises:
+        ValueError: ``spec`` is malformed or has leaves without dtype/shape.
+
+    Not jit-safe (host code). Example:
+        >>> _, spec = flatten((np.zeros((2, 3), np.float32),), leading_axis=True)
+        >>> leaves_of = compile_flatten_as(spec)
+        >>> [leaf.shape for leaf in leaves_of((np.ones((7, 3), np.float32),))]
+        [(7, 3)]
+        >>> leaves_of((np.ones((7, 3)),)) is None  # float64, not float32
+        True
+    """
+    key = spec_key(spec)
+    with _COMPILED_LOCK:
+        function = _COMPILED.get(key)
+        if function is not None:
+            _COMPILED.move_to_end(key)
+            return function
+    code = _FlattenCode()  # ~1 ms (Python's compile): hence the cache
+    code.emit(spec, "v0")
+    function = code.build()
+    with _COMPILED_LOCK:
+        _COMPILED[key] = function
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+    return function
+
+
+def _as_leaf(node: Any) -> np.ndarray | None:
+    """A non-``np.ndarray`` leaf as an array, or None where ``flatten`` would not take it."""
+    if not _is_leaf(node) or _is_namedtuple(node):
+        return None
+    return np.asarray(node)
+
+
+def _namedtuple_matcher(spec: TreeSpec, accepted: list[type]) -> Callable[[Any], bool]:
+    module, qualname, fields = spec.get("module"), spec.get("qualname"), spec.get("fields")
+
+    def matches(node: Any) -> bool:
         cls = type(node)
         if (
-            not _is_namedtuple(node)
-            or cls.__qualname__ != spec["qualname"]
-            or cls.__module__ != spec["module"]
-            or list(cls._fields) != spec["fields"]
+            _is_namedtuple(node)
+            and cls.__qualname__ == qualname
+            and cls.__module__ == module
+            and list(cls._fields) == fields
         ):
-            return False
-        values = node
-    else:
-        if type(node) is not (tuple if kind == "tuple" else list) or len(node) != len(children):
-            return False
-        values = node
-    return all(_flatten_as(c, v, leaves) for c, v in zip(children, values, strict=True))
+            accepted.append(cls)
+            return True
+        return False
+
+    return matches
+
+
+class _FlattenCode:
+    """Source lines and constants of one ``compile_flatten_as`` function."""
+
+    def __init__(self) -> None:
+        self.lines = ["def flatten_tree(v0):"]
+        self.namespace: dict[str, Any] = {
+            "ndarray": np.ndarray,
+            "MISSING": _MISSING,
+            "dict_get": dict.get,
+            "dtype_name": dtype_name,
+            "as_leaf": _as_leaf,
+        }
+        self.leaves: list[str] = []
+        self.count = 0
+
+    def _name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def _const(self, value: Any) -> str:
+        name = self._name("c")
+        self.namespace[name] = value
+        return name
+
+    def _line(self, text: str) -> None:
+        self.lines.append("    " + text)
+
+    def _unpack(self, var: str, children: list[TreeSpec]) -> None:
+        names = [self._name("v") for _ in children]
+        if names:
+            self._line(f"{', '.join(names)}, = {var}")
+        for child, name in zip(children, names, strict=True):
+            self.emit(child, name)
+
+    def emit(self, spec: TreeSpec, var: str) -> None:
+        kind = _check_node(spec)
+        if kind == "leaf":
+            name, shape = spec.get("dtype"), spec.get("shape")
+            if not isinstance(name, str) or not isinstance(shape, list):
+                raise ValueError(
+                    f"leaf spec {spec!r:.200} has no dtype/shape; expected a spec from "
+                    "flatten(..., leading_axis=True)"
+                )
+            try:
+                native: np.dtype[Any] | None = np.dtype(name)
+            except TypeError:
+                native = None  # no array has it: the name comparison below fails
+            dtype, dname = self._const(native), self._const(name)
+            row_shape, ndim = self._const(tuple(shape)), len(shape) + 1
+            self._line(f"if type({var}) is not ndarray:")
+            self._line(f"    {var} = as_leaf({var})")
+            self._line(f"    if {var} is None: return None")
+            self._line(
+                f"if ({var}.dtype is not {dtype} and dtype_name({var}.dtype) != {dname}) "
+                f"or {var}.ndim != {ndim} or {var}.shape[1:] != {row_shape}: return None"
+            )
+            self.leaves.append(var)
+            return
+        if kind == "none":
+            self._line(f"if {var} is not None: return None")
+            return
+        children: list[TreeSpec] = spec["children"]
+        n = len(children)
+        if kind == "dict":
+            keys = spec.get("keys")
+            if not isinstance(keys, list) or len(keys) != n:
+                raise ValueError(
+                    f"invalid TreeSpec dict node (keys/children disagree): {spec!r:.200}"
+                )
+            self._line(f"if not isinstance({var}, dict) or len({var}) != {n}: return None")
+            for key, child in zip(keys, children, strict=True):
+                value = self._name("v")
+                # dict.get: a defaultdict must not grow a missing key
+                self._line(f"{value} = dict_get({var}, {self._const(key)}, MISSING)")
+                self._line(f"if {value} is MISSING: return None")
+                self.emit(child, value)
+            return
+        if kind == "namedtuple":
+            accepted: list[type] = []  # classes already found to match
+            known = self._const(accepted)
+            matches = self._const(_namedtuple_matcher(spec, accepted))
+            self._line(f"if type({var}) not in {known} and not {matches}({var}): return None")
+            self._line(f"if len({var}) != {n}: return None")
+        else:
+            sequence = self._const(tuple if kind == "tuple" else list)
+            self._line(f"if type({var}) is not {sequence} or len({var}) != {n}: return None")
+        self._unpack(var, children)
+
+    def build(self) -> Callable[[Any], list[np.ndarray] | None]:
+        self._line(f"return [{', '.join(self.leaves)}]")
+        source = "\n".join(self.lines)
+        exec(compile(source, "<tupli_jax._tree.compile_flatten_as>", "exec"), self.namespace)
+        function: Callable[[Any], list[np.ndarray] | None] = self.namespace["flatten_tree"]
+        return function
+
+
+def structure_key(tree: Any) -> Hashable:
+    """A cheap hashable key of a tree's structure, leaf dtypes and per-row shapes.
+
+    Equal keys imply equal ``flatten(..., leading_axis=True)`` specs (so trees can be grouped by
+    key in O(N)); the converse does not hold (dicts with another key order, equal NamedTuple
+    classes defined twice, byte-swapped dtypes get other keys but equal specs). Leaves that are
+    not ``np.ndarray`` get a key unique to that object, which is still sound.
+
+    Example:
+        >>> structure_key({"a": np.zeros((3, 2))}) == structure_key({"a": np.ones((9, 2))})
+        True
+        >>> structure_key((np.zeros(3),)) == structure_key([np.zeros(3)])
+        False
+    """
+    cls = type(tree)
+    if cls is np.ndarray:
+        return (tree.dtype, tree.shape[1:] if tree.ndim else None)
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return (cls, tuple(tree), tuple([structure_key(v) for v in tree.values()]))
+    if cls is tuple or cls is list or _is_namedtuple(tree):
+        return (cls, tuple([structure_key(v) for v in tree]))
+    return (cls, id(tree))
 
 
 def _check_node(spec: Any) -> str:

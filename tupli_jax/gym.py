@@ -15,10 +15,14 @@ Differences from pytupli (fixes and additions):
   steps; numpy rewards, numpy values in ``info`` and Python ``int`` actions are stored fine; an
   episode is stored only if every step of it was recorded (recording switched on mid-episode
   starts with the next ``reset()``).
-- Episodes are written in batches (one ``record_episodes`` call per batch). In this process an
-  episode is listed as soon as the step that ends it returns (reads through the same storage
-  object write pending episodes first); ``close()`` and ``flush()`` write them too. Pass
-  ``batch_steps=0`` to write (durably) every episode inside the step that ends it.
+- Episodes are written in batches (one ``record_episodes`` call per batch), yet in this process
+  an episode is listed as soon as the step that ends it returns: reads through the storage
+  object write the pending episodes first (through the storage's ``add_read_barrier`` hook;
+  until ``FileStorage`` has it, by wrapping that ``FileStorage`` instance's episode-reading
+  methods); ``wrapper.list_episodes``, ``flush()`` and ``close()`` write them explicitly. A
+  storage that is not a tupli_jax ``FileStorage`` and has no hook (e.g. pytupli's) gets every
+  episode written inside the step that ends it, as pytupli does. Pass ``batch_steps=0`` for
+  that behaviour (durable per episode) on any storage.
 - Extra fields of a custom ``rl_tuple_cls`` survive the round trip (``list_episodes`` on the
   wrapper rebuilds them); ``load``/``deserialize_env`` use an allow-list loader (``trusted=True``
   to opt out for payloads you trust).
@@ -137,7 +141,8 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
             from the tuple, its ``info`` and its extra fields are stored (``list_episodes`` on
             the wrapper rebuilds the class).
         batch_steps: Write the finished episodes once they hold this many transitions (``0``:
-            write each episode, durably, inside the step that ends it).
+            write each episode, durably, inside the step that ends it; also what a storage
+            without a read barrier gets, see the module docs).
         interval_s: Also write once the oldest pending episode is this many seconds old.
 
     Attributes:

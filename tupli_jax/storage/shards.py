@@ -13,6 +13,14 @@ JSON: format name, version, the three ``TreeSpec``s and the reward/discount leaf
 with zero elements per row have no column (Arrow cannot hold zero-width lists) and are rebuilt
 from their spec. Any pyarrow, polars or DuckDB user can read a shard without tupli_jax.
 
+Writing: ``write_shard`` (one structure), ``write_shards`` (groups by structure first) and
+``write_shard_columns`` (episodes already packed as columns, e.g. cut from a time-major buffer)
+all produce the same file for the same episodes. Per-episode Python is a compiled
+``flatten_as`` (``_tree.compile_flatten_as``) and a few attribute reads; lengths are checked
+vectorised and each column is one ``np.concatenate``. Measured on 10k CartPole episodes (2
+shared cores, CPU time): ~9-12 us per episode, against ~24-33 us for the per-episode
+``flatten``/``flatten_as`` path this replaced; ``write_shard_columns`` ~7 us.
+
 Checksum: CRC-32 (``zlib.crc32``), written as 8 hex digits. Measured on this machine (2 cores,
 200 MB): crc32 3.5 GB/s, sha1 1.6 GB/s, sha256 1.5 GB/s (SHA-NI), blake2b 0.73 GB/s, md5 0.62 GB/s.
 The checksum detects accidental damage (bit rot, truncation, torn copies), not tampering: the
@@ -48,19 +56,21 @@ import os
 import threading
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import pyarrow as pa
 
 from tupli_jax._tree import (
     TreeSpec,
+    compile_flatten_as,
+    dtype_name,
     flatten,
-    flatten_as,
     leaf_names,
     num_leaves,
+    structure_key,
     unflatten,
 )
 from tupli_jax.episode import EpisodeData
@@ -77,6 +87,8 @@ __all__ = [
     "open_shard",
     "verify_shard",
     "write_shard",
+    "write_shard_columns",
+    "write_shards",
 ]
 
 FORMAT_NAME = "tupli_jax.shard"
@@ -91,6 +103,7 @@ _DTYPES = frozenset(
     + [f"{p}int{b}" for p in ("", "u") for b in (8, 16, 32, 64)]
 )
 _GROUPS = ("obs", "act", "ext", "reward", "discount")
+_FIELDS = ("observations", "actions", "extras", "rewards", "discounts")  # EpisodeData, per group
 _MAX_BATCH_BYTES = 256 << 20  # rows per IPC record batch are chosen to stay under this
 _CACHE_MAX_ENTRIES = 8
 _CACHE_MAX_BYTES = 1 << 30  # the most recent shard is kept even if larger
@@ -175,22 +188,14 @@ def _leaf_specs(spec: TreeSpec, *, validate: bool = True) -> list[TreeSpec]:
 # Validation
 
 
-class _Prepared(NamedTuple):
-    layout: _Layout
-    leaves: list[np.ndarray]  # in _Layout.columns() order
-    n_rows: int
-    n_tuples: int
-    infos: list[str] | None
-
-
-def _flatten_field(index: int, field: str, tree: Any) -> tuple[list[np.ndarray], TreeSpec]:
+def _flatten_field(where: str, field: str, tree: Any) -> tuple[list[np.ndarray], TreeSpec]:
     try:
         return flatten(tree, leading_axis=True)
     except (TypeError, ValueError) as err:
-        raise TupliStorageError(f"episode {index}: {field}: {err}") from None
+        raise TupliStorageError(f"{where}: {field}: {err}") from None
 
 
-def _layout_of(index: int, episode: Any) -> tuple[_Layout, list[list[np.ndarray]]]:
+def _check_episode_type(index: int, episode: Any) -> None:
     if not isinstance(episode, EpisodeData):
         raise TupliStorageError(
             f"episode {index} is a {type(episode).__name__}; expected tupli_jax.EpisodeData"
@@ -199,31 +204,46 @@ def _layout_of(index: int, episode: Any) -> tuple[_Layout, list[list[np.ndarray]
         raise TupliStorageError(
             f"episode {index}: extras is a {type(episode.extras).__name__}; expected a dict"
         )
-    names = ("observations", "actions", "extras", "rewards", "discounts")
-    flat = [
-        _flatten_field(index, name, tree)
-        for name, tree in zip(names, _fields_of(episode), strict=True)
-    ]
-    for name, (_, spec) in zip(("rewards", "discounts"), flat[3:], strict=True):
+
+
+def _layout_from(where: str, trees: Sequence[Any]) -> tuple[_Layout, list[np.ndarray], int]:
+    """Layout, leaves (in ``_Layout.columns`` order) and number of observation leaves of the
+    five trees (observations, actions, extras, rewards, discounts)."""
+    flat = [_flatten_field(where, name, tree) for name, tree in zip(_FIELDS, trees, strict=True)]
+    for name, (_, spec) in zip(_FIELDS[3:], flat[3:], strict=True):
         if spec["kind"] != "leaf":
             raise TupliStorageError(
-                f"episode {index}: {name} is a {spec['kind']}; expected one array [T, ...]"
+                f"{where}: {name} is a {spec['kind']}; expected one array [T, ...]"
             )
     layout = _Layout(*(spec for _, spec in flat))
-    return layout, [leaves for leaves, _ in flat]
+    return layout, [leaf for leaves, _ in flat for leaf in leaves], len(flat[0][0])
 
 
-def _check_dtypes(index: int, layout: _Layout) -> None:
-    fields = ("observations", "actions", "extras", "rewards", "discounts")
-    for field, spec in zip(fields, layout, strict=True):
-        for name, leaf in zip(
-            leaf_names(spec, field), _leaf_specs(spec, validate=False), strict=True
-        ):
-            if leaf["dtype"] not in _DTYPES:
-                raise TupliStorageError(
-                    f"episode {index}: {name} has dtype {leaf['dtype']}; expected bool, "
-                    "(u)int8-64 or float16/32/64: cast it (e.g. bfloat16 -> float32) first"
-                )
+def _layout_of(index: int, episode: Any) -> _Layout:
+    _check_episode_type(index, episode)
+    return _layout_from(f"episode {index}", _fields_of(episode))[0]
+
+
+def _field_leaf_names(layout: _Layout) -> list[str]:
+    """Leaf names as users know them (``observations.agent.row``), in column order."""
+    return [
+        name
+        for field, spec in zip(_FIELDS, layout, strict=True)
+        for name in leaf_names(spec, field)
+    ]
+
+
+def _check_dtypes(where: str, layout: _Layout) -> None:
+    for name, leaf in zip(
+        _field_leaf_names(layout),
+        [leaf for spec in layout for leaf in _leaf_specs(spec, validate=False)],
+        strict=True,
+    ):
+        if leaf["dtype"] not in _DTYPES:
+            raise TupliStorageError(
+                f"{where}: {name} has dtype {leaf['dtype']}; expected bool, "
+                "(u)int8-64 or float16/32/64: cast it (e.g. bfloat16 -> float32) first"
+            )
 
 
 def _encode_infos(index: int, infos: Any, n_tuples: int) -> list[str] | None:
@@ -257,52 +277,6 @@ def _fields_of(episode: EpisodeData) -> tuple[Any, ...]:
     )
 
 
-def _flatten_like(episode: Any, layout: _Layout) -> list[list[np.ndarray]] | None:
-    """Leaves of ``episode`` if it has exactly ``layout``'s structure (fast path), else None."""
-    if not isinstance(episode, EpisodeData):
-        return None
-    groups = []
-    for spec, tree in zip(layout, _fields_of(episode), strict=True):
-        leaves = flatten_as(spec, tree)
-        if leaves is None:
-            return None
-        groups.append(leaves)
-    return groups
-
-
-def _prepare(index: int, episode: Any, like: _Layout | None = None) -> _Prepared:
-    groups = _flatten_like(episode, like) if like is not None else None
-    if like is not None and groups is not None:
-        layout = like
-    else:
-        layout, groups = _layout_of(index, episode)
-    obs, act, ext, rewards, discounts = groups
-    n_tuples = int(rewards[0].shape[0])
-    if n_tuples == 0:
-        raise TupliStorageError(
-            f"episode {index} is empty (0 transitions); expected at least one step"
-        )
-    n_rows = n_tuples + 1 if episode.has_reset_observation else n_tuples
-    expectations = (
-        (obs, layout.obs_spec, "observations", n_rows),
-        (act, layout.action_spec, "actions", n_tuples),
-        (ext, layout.extras_spec, "extras", n_tuples),
-        (discounts, layout.discount_spec, "discounts", n_tuples),
-    )
-    for leaves, spec, field, expected in expectations:
-        for j, leaf in enumerate(leaves):
-            if leaf.shape[0] != expected:
-                name = leaf_names(spec, field)[j]
-                what = "T + 1" if field == "observations" and episode.has_reset_observation else "T"
-                raise TupliStorageError(
-                    f"episode {index}: {name} has leading length {leaf.shape[0]}; expected "
-                    f"{expected} ({what}, T = {n_tuples} rewards): all arrays of an episode "
-                    "must agree in length"
-                )
-    infos = _encode_infos(index, episode.infos, n_tuples)
-    return _Prepared(layout, obs + act + ext + rewards + discounts, n_rows, n_tuples, infos)
-
-
 def _describe(layout: _Layout) -> list[str]:
     return [f"{c.name}:{c.dtype}{list(c.shape)}" for c in layout.columns()]
 
@@ -317,8 +291,96 @@ def _structure_error(index: int, expected: _Layout, received: _Layout) -> TupliS
     )
 
 
+def _length_error(
+    where: str,
+    layout: _Layout,
+    column: int,
+    received: int,
+    expected: int,
+    n_tuples: int,
+    *,
+    observations_t1: bool,
+) -> TupliStorageError:
+    name = _field_leaf_names(layout)[column]
+    what = "T + 1" if name.startswith("observations") and observations_t1 else "T"
+    return TupliStorageError(
+        f"{where}: {name} has leading length {received}; expected {expected} ({what}, "
+        f"T = {n_tuples} rewards): all arrays of an episode must agree in length"
+    )
+
+
+def _compile_layout(layout: _Layout) -> Callable[[Any], list[np.ndarray] | None]:
+    """Leaves (in ``_Layout.columns`` order) of a 5-tuple of episode fields matching ``layout``."""
+    return compile_flatten_as({"kind": "tuple", "children": list(layout)})
+
+
+def _validate_one(index: int, episode: Any, layout: _Layout) -> None:
+    """Raises the error of episode ``index`` (the reference, per-episode validation)."""
+    _check_episode_type(index, episode)
+    received, leaves, n_obs = _layout_from(f"episode {index}", _fields_of(episode))
+    if received != layout:
+        raise _structure_error(index, layout, received)
+    n_tuples = int(leaves[-2].shape[0])
+    if n_tuples == 0:
+        raise TupliStorageError(
+            f"episode {index} is empty (0 transitions); expected at least one step"
+        )
+    reset = bool(episode.has_reset_observation)
+    for j, leaf in enumerate(leaves):
+        expected = n_tuples + reset if j < n_obs else n_tuples
+        if leaf.shape[0] != expected:
+            raise _length_error(
+                f"episode {index}", layout, j, leaf.shape[0], expected, n_tuples,
+                observations_t1=reset,
+            )  # fmt: skip
+    _encode_infos(index, episode.infos, n_tuples)
+
+
+class _Group(NamedTuple):
+    layout: _Layout
+    leaves_of: Callable[[Any], list[np.ndarray] | None]  # compiled flatten_as of the layout
+    indices: list[int]
+    leaves: list[list[np.ndarray]]  # per episode of the group, in _Layout.columns() order
+
+
+def _group(episodes: Sequence[Any]) -> list[_Group]:
+    """Groups by layout, keeping each episode's leaves; raises for unsupported pytrees."""
+    groups: list[_Group] = []
+    by_key: dict[Hashable, _Group] = {}
+    last: _Group | None = None
+    for index, episode in enumerate(episodes):
+        if type(episode) is not EpisodeData:
+            _check_episode_type(index, episode)
+        fields = _fields_of(episode)
+        leaves = last.leaves_of(fields) if last is not None else None
+        group = last
+        if leaves is None:
+            key = structure_key(fields)
+            group = by_key.get(key)
+            if group is not None:
+                leaves = group.leaves_of(fields)
+            if group is None or leaves is None:  # a new key (or, never, a key collision)
+                _check_episode_type(index, episode)
+                layout, leaves, _ = _layout_from(f"episode {index}", fields)
+                # e.g. a dict whose keys are in another order: another key, the same layout
+                group = next((g for g in groups if g.layout == layout), None)
+                if group is None:
+                    group = _Group(layout, _compile_layout(layout), [], [])
+                    groups.append(group)
+                by_key[key] = group
+        assert group is not None
+        group.indices.append(index)
+        group.leaves.append(leaves)
+        last = group
+    return groups
+
+
 def group_by_structure(episodes: Sequence[EpisodeData]) -> list[list[int]]:
-    """Groups episode indices by identical structure, dtypes and per-row shapes.
+    """Groups episode indices by identical structure, dtypes and per-row shapes, in O(N).
+
+    Each episode is first checked against the group of the previous episode with a compiled
+    ``flatten_as`` (about 1 us for a CartPole episode); on a miss its ``structure_key`` is looked
+    up, and only a key never seen before costs a full ``flatten``.
 
     Args:
         episodes: Episodes to group.
@@ -335,21 +397,7 @@ def group_by_structure(episodes: Sequence[EpisodeData]) -> list[list[int]]:
         >>> group_by_structure([a, b, a])
         [[0, 2], [1]]
     """
-    groups: list[tuple[_Layout, list[int]]] = []
-    for index, episode in enumerate(episodes):
-        for known, indices in groups:
-            if _flatten_like(episode, known) is not None:
-                indices.append(index)
-                break
-        else:
-            layout = _layout_of(index, episode)[0]
-            for known, indices in groups:
-                if known == layout:  # e.g. a dict whose keys are in another order
-                    indices.append(index)
-                    break
-            else:
-                groups.append((layout, [index]))
-    return [indices for _, indices in groups]
+    return [group.indices for group in _group(episodes)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,44 +466,6 @@ def _string_array(rows: list[str | None]) -> pa.Array:
     return pa.Array.from_buffers(pa.large_string(), len(rows), buffers)
 
 
-def _build_table(prepared: list[_Prepared]) -> pa.Table:
-    layout = prepared[0].layout
-    columns = layout.columns()
-    arrays: list[pa.Array] = []
-    fields: list[pa.Field] = []
-    for i, column in enumerate(columns):
-        if not column.stored:
-            continue
-        pad = np.zeros((1, *column.shape), column.dtype)
-        parts: list[np.ndarray] = []
-        for item in prepared:
-            leaf = item.leaves[i]
-            parts.append(leaf)
-            parts.extend([pad] * (item.n_rows - leaf.shape[0]))
-        values = np.concatenate(parts, axis=0, dtype=column.dtype, casting="equiv")
-        arrays.append(_arrow_column(column, values))
-        meta = {_FIELD_DTYPE_KEY: column.dtype.name.encode()}
-        if column.shape:
-            meta[_FIELD_SHAPE_KEY] = json.dumps(list(column.shape)).encode()
-        fields.append(pa.field(column.name, arrays[-1].type, nullable=False, metadata=meta))
-    if any(item.infos is not None for item in prepared):
-        rows: list[str | None] = []
-        for item in prepared:
-            infos = item.infos if item.infos is not None else [None] * item.n_tuples
-            rows.extend(infos)
-            rows.extend([None] * (item.n_rows - item.n_tuples))
-        arrays.append(_string_array(rows))
-        fields.append(pa.field("info", pa.large_string()))
-    metadata = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        **layout._asdict(),
-        "has_info": any(item.infos is not None for item in prepared),
-    }
-    schema = pa.schema(fields, metadata={_METADATA_KEY: json.dumps(metadata).encode()})
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -464,53 +474,215 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_shard(
-    directory: Path, episodes: Sequence[EpisodeData], *, compression: str | None = "lz4"
-) -> ShardInfo:
-    """Writes a batch of same-structure episodes to a new shard file, atomically and durably.
+class _Batch(NamedTuple):
+    """A validated batch in packed form: episodes back to back, no padding rows yet."""
 
-    Every episode is validated before anything is written. The file is written as
-    ``<name>.tmp``, flushed and fsynced, renamed to ``<name>``, and the directory fsynced; on any
-    failure the temporary file is removed.
+    layout: _Layout
+    described: list[_Column]  # layout.columns(), computed once (~70 us)
+    columns: list[np.ndarray]  # in that order: obs [sum T + reset, ...], others [sum T, ...]
+    n_tuples: np.ndarray  # [E] int64, each >= 1
+    has_reset: np.ndarray  # [E] bool
+    infos: list[list[str] | None] | None  # JSON per step, per episode; None: no info column
 
-    Args:
-        directory: The shards directory (created if missing).
-        episodes: Non-empty sequence of ``EpisodeData`` sharing one structure (see
-            ``group_by_structure``).
-        compression: ``"lz4"`` (default), ``"zstd"`` or ``None``.
 
-    Returns:
-        A ``ShardInfo`` with the file name, checksum, size, row count and per-episode row ranges.
+def _raise_first_problem(
+    episodes: Sequence[Any], layout: _Layout, indices: Sequence[int] | None = None
+) -> NoReturn:
+    """The fast path found a problem: find and raise it with the per-episode validation, so
+    the message names the first bad episode exactly as before (``indices``: the episodes'
+    indices in the caller's batch, ``0..N-1`` by default)."""
+    for index, episode in zip(indices or range(len(episodes)), episodes, strict=True):
+        _validate_one(index, episode, layout)
+    raise TupliStorageError(  # pragma: no cover - the two validations agree
+        "the batch failed validation but no episode could be blamed; expected episodes of one "
+        "structure: write them one by one to find the culprit"
+    )
 
-    Raises:
-        TupliStorageError: Bad input (naming the episode index and field) or an I/O failure.
 
-    Example:
-        >>> # see the module docstring
-    """
+def _batch_from_episodes(episodes: Sequence[EpisodeData]) -> _Batch:
+    """Validates and packs ``episodes`` (one layout): one compiled flatten per episode."""
+    first = episodes[0]
+    _check_episode_type(0, first)
+    layout, first_leaves, _ = _layout_from("episode 0", _fields_of(first))
+    leaves_of = _compile_layout(layout)
+    per_episode = [first_leaves]
+    for episode in episodes[1:]:
+        leaves = leaves_of(_fields_of(episode)) if isinstance(episode, EpisodeData) else None
+        if leaves is None:
+            _raise_first_problem(episodes, layout)
+        per_episode.append(leaves)
+    return _pack(layout, episodes, per_episode, range(len(episodes)))
+
+
+def _pack(
+    layout: _Layout,
+    episodes: Sequence[EpisodeData],
+    per_episode: list[list[np.ndarray]],
+    indices: Sequence[int],
+) -> _Batch:
+    """Checks dtypes and lengths (vectorised) and concatenates each column once; ``indices``
+    are the episodes' indices in the caller's batch, for error messages."""
+    _check_dtypes(f"episode {indices[0]}", layout)
+    n = len(episodes)
+    n_obs = num_leaves(layout.obs_spec)
+    by_column = list(zip(*per_episode, strict=True))
+    lengths = [np.fromiter(map(len, column), np.int64, count=n) for column in by_column]
+    n_tuples = lengths[-2]  # the reward column
+    has_reset = np.fromiter((e.has_reset_observation for e in episodes), bool, count=n)
+    n_obs_rows = n_tuples + has_reset
+    if not n_tuples.all() or any(
+        not np.array_equal(lens, n_obs_rows if j < n_obs else n_tuples)
+        for j, lens in enumerate(lengths)
+    ):
+        _raise_first_problem(episodes, layout, indices)
+    infos: list[list[str] | None] | None = None
+    if any(e.infos is not None for e in episodes):
+        infos = [
+            _encode_infos(i, e.infos, t)
+            for i, e, t in zip(indices, episodes, n_tuples.tolist(), strict=True)
+        ]
+    described = layout.columns()
+    columns = [
+        np.concatenate(parts, axis=0, dtype=c.dtype, casting="equiv")
+        if c.stored
+        else np.zeros((0, *c.shape), c.dtype)
+        for c, parts in zip(described, by_column, strict=True)
+    ]
+    return _Batch(layout, described, columns, n_tuples, has_reset, infos)
+
+
+def _batch_from_columns(
+    observations: Any,
+    actions: Any,
+    extras: Any,
+    rewards: Any,
+    discounts: Any,
+    n_tuples: Any,
+    has_reset_observation: Any,
+    infos: Any,
+) -> _Batch:
+    where = "write_shard_columns"
+    counts = np.asarray(n_tuples)
+    if counts.ndim != 1 or counts.size == 0 or counts.dtype.kind not in "iu":
+        raise TupliStorageError(
+            f"{where}: n_tuples must be a non-empty 1-D integer array [E] (transitions per "
+            f"episode); received dtype {counts.dtype} with shape {counts.shape}"
+        )
+    counts = counts.astype(np.int64)
+    if (counts < 1).any():
+        i = int(np.argmax(counts < 1))
+        raise TupliStorageError(
+            f"episode {i} is empty (n_tuples[{i}] = {counts[i]}); expected at least one step"
+        )
+    reset = np.asarray(has_reset_observation)
+    if reset.dtype != np.bool_ or reset.shape not in ((), counts.shape):
+        raise TupliStorageError(
+            f"{where}: has_reset_observation must be a bool or a bool array of shape "
+            f"{counts.shape}; received dtype {reset.dtype} with shape {reset.shape}"
+        )
+    reset = np.broadcast_to(reset, counts.shape)
+    if not isinstance(extras, dict):
+        raise TupliStorageError(
+            f"{where}: extras is a {type(extras).__name__}; expected a dict (or None)"
+        )
+    trees = (observations, actions, extras, rewards, discounts)
+    layout, leaves, n_obs = _layout_from(where, trees)
+    _check_dtypes(where, layout)
+    total_steps = int(counts.sum())
+    total_obs = total_steps + int(reset.sum())
+    for j, leaf in enumerate(leaves):
+        expected, rows = (
+            (total_obs, "sum(n_tuples + has_reset_observation)")
+            if j < n_obs
+            else (total_steps, "sum(n_tuples)")
+        )
+        if leaf.shape[0] != expected:
+            raise TupliStorageError(
+                f"{where}: {_field_leaf_names(layout)[j]} has leading length {leaf.shape[0]}; "
+                f"expected {expected} = {rows}: pass the episodes back to back, observations "
+                "with T + 1 rows per episode that has a reset observation"
+            )
+    encoded: list[list[str] | None] | None = None
+    if infos is not None:
+        if not isinstance(infos, Sequence) or len(infos) != counts.size:
+            received = len(infos) if isinstance(infos, Sequence) else type(infos).__name__
+            raise TupliStorageError(
+                f"{where}: infos has {received} entries; expected None or one entry per "
+                f"episode ({counts.size}), each None or a list of T dicts"
+            )
+        if any(x is not None for x in infos):  # no info column when no episode has infos
+            encoded = [
+                _encode_infos(i, x, t)
+                for i, (x, t) in enumerate(zip(infos, counts.tolist(), strict=True))
+            ]
+    described = layout.columns()
+    columns = [
+        leaf.astype(c.dtype, copy=False, casting="equiv")
+        for c, leaf in zip(described, leaves, strict=True)
+    ]
+    return _Batch(layout, described, columns, counts, np.array(reset), encoded)
+
+
+def _info_array(batch: _Batch, starts: np.ndarray, n_rows: int) -> pa.Array:
+    assert batch.infos is not None
+    rows: list[str | None] = [None] * n_rows
+    for start, encoded in zip(starts.tolist(), batch.infos, strict=True):
+        if encoded is not None:
+            rows[start : start + len(encoded)] = encoded
+    return _string_array(rows)
+
+
+def _build_table(batch: _Batch, stops: np.ndarray) -> pa.Table:
+    n_rows = int(stops[-1])
+    step_rows = None  # rows holding a transition, when some rows hold only an observation
+    if batch.has_reset.any():
+        step_rows = np.ones(n_rows, bool)
+        step_rows[stops[batch.has_reset] - 1] = False
+    arrays: list[pa.Array] = []
+    fields: list[pa.Field] = []
+    for column, values in zip(batch.described, batch.columns, strict=True):
+        if not column.stored:
+            continue
+        if column.group != "obs" and step_rows is not None:
+            padded = np.zeros((n_rows, *column.shape), column.dtype)
+            padded[step_rows] = values
+            values = padded
+        arrays.append(_arrow_column(column, values))
+        meta = {_FIELD_DTYPE_KEY: dtype_name(column.dtype).encode()}
+        if column.shape:
+            meta[_FIELD_SHAPE_KEY] = json.dumps(list(column.shape)).encode()
+        fields.append(pa.field(column.name, arrays[-1].type, nullable=False, metadata=meta))
+    if batch.infos is not None:
+        arrays.append(_info_array(batch, stops - (batch.n_tuples + batch.has_reset), n_rows))
+        fields.append(pa.field("info", pa.large_string()))
+    metadata = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        **batch.layout._asdict(),
+        "has_info": batch.infos is not None,
+    }
+    schema = pa.schema(fields, metadata={_METADATA_KEY: json.dumps(metadata).encode()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _check_compression(compression: str | None) -> None:
     if compression not in _COMPRESSIONS:
         raise TupliStorageError(
             f"compression {compression!r} is not supported; expected one of {_COMPRESSIONS}"
         )
-    if len(episodes) == 0:
-        raise TupliStorageError("write_shard got no episodes; expected at least one")
-    prepared = [_prepare(0, episodes[0])]
-    _check_dtypes(0, prepared[0].layout)
-    prepared += [_prepare(i, episodes[i], prepared[0].layout) for i in range(1, len(episodes))]
-    for i, item in enumerate(prepared[1:], start=1):
-        if item.layout != prepared[0].layout:
-            raise _structure_error(i, prepared[0].layout, item.layout)
-    ranges: list[tuple[int, int]] = []
-    start = 0
-    for item in prepared:
-        ranges.append((start, start + item.n_rows))
-        start += item.n_rows
+
+
+def _write_batch(
+    directory: Path, batch: _Batch, compression: str | None, fsync_directory: bool = True
+) -> ShardInfo:
+    stops = np.cumsum(batch.n_tuples + batch.has_reset)
+    starts = stops - (batch.n_tuples + batch.has_reset)
     name = f"{uuid.uuid4().hex}.arrow"
     directory = Path(directory)
     final, tmp = directory / name, directory / f"{name}.tmp"
     replaced = False
     try:
-        table = _build_table(prepared)
+        table = _build_table(batch, stops)
         row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         directory.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as file:
@@ -522,7 +694,8 @@ def write_shard(
             os.fsync(file.fileno())
         os.replace(tmp, final)
         replaced = True
-        _fsync_directory(directory)
+        if fsync_directory:
+            _fsync_directory(directory)
     except BaseException as err:
         for leftover in (tmp, final) if replaced else (tmp,):
             try:
@@ -537,7 +710,158 @@ def write_shard(
             f"could not write shard '{final}': {type(err).__name__}: {err}; nothing was "
             "written: check disk space and permissions of the store directory"
         ) from err
-    return ShardInfo(name, f"{sink.crc:08x}", sink.size, start, ranges)
+    ranges = list(zip(starts.tolist(), stops.tolist(), strict=True))
+    return ShardInfo(name, f"{sink.crc:08x}", sink.size, int(stops[-1]), ranges)
+
+
+def write_shard(
+    directory: Path,
+    episodes: Sequence[EpisodeData],
+    *,
+    compression: str | None = "lz4",
+    fsync_directory: bool = True,
+) -> ShardInfo:
+    """Writes a batch of same-structure episodes to a new shard file, atomically and durably.
+
+    Every episode is validated before anything is written. The file is written as
+    ``<name>.tmp``, flushed and fsynced, renamed to ``<name>``, and the directory fsynced
+    (unless ``fsync_directory`` is false); on any failure the temporary file is removed.
+
+    Cost: the structure is flattened once (episode 0); every other episode goes through a
+    compiled ``flatten_as`` (~1 us for CartPole), lengths are checked vectorised and each column
+    is one ``np.concatenate``. Infos, when present, cost one ``json.dumps`` per step.
+
+    Args:
+        directory: The shards directory (created if missing).
+        episodes: Non-empty sequence of ``EpisodeData`` sharing one structure (see
+            ``group_by_structure``).
+        compression: ``"lz4"`` (default), ``"zstd"`` or ``None``.
+        fsync_directory: Fsync ``directory`` after the rename. Pass ``False`` only when the
+            caller moves the file elsewhere and fsyncs that directory (a staging directory),
+            which saves one fsync per batch.
+
+    Returns:
+        A ``ShardInfo`` with the file name, checksum, size, row count and per-episode row ranges.
+
+    Raises:
+        TupliStorageError: Bad input (naming the first bad episode's index and field) or an I/O
+            failure.
+
+    Example:
+        >>> # see the module docstring
+    """
+    _check_compression(compression)
+    if len(episodes) == 0:
+        raise TupliStorageError("write_shard got no episodes; expected at least one")
+    return _write_batch(directory, _batch_from_episodes(episodes), compression, fsync_directory)
+
+
+def write_shards(
+    directory: Path,
+    episodes: Sequence[EpisodeData],
+    *,
+    compression: str | None = "lz4",
+    fsync_directory: bool = True,
+) -> list[tuple[list[int], ShardInfo]]:
+    """``group_by_structure`` + one ``write_shard`` per group, walking each episode once.
+
+    Every episode of every group is validated before the first file is written, so bad input
+    writes nothing. Saves one compiled flatten per episode over calling the two functions
+    (~2 us per CartPole episode).
+
+    Args:
+        directory: The shards directory (created if missing).
+        episodes: Episodes of any structures (possibly empty).
+        compression: As in ``write_shard``.
+        fsync_directory: As in ``write_shard``.
+
+    Returns:
+        ``(indices, info)`` per shard written, in order of first appearance; ``info.ranges[k]``
+        are the rows of ``episodes[indices[k]]``.
+
+    Raises:
+        TupliStorageError: Bad input (naming the episode index and field) or an I/O failure;
+            shards written before an I/O failure stay (the caller writes into a staging
+            directory it removes, as ``FileStorage`` does).
+
+    Example:
+        >>> # for indices, info in write_shards(staging, episodes): catalog rows ...
+    """
+    _check_compression(compression)
+    batches = [
+        (group.indices, _pack(group.layout, [episodes[i] for i in group.indices], group.leaves,
+                              group.indices))
+        for group in _group(episodes)
+    ]  # fmt: skip
+    return [
+        (indices, _write_batch(directory, batch, compression, fsync_directory))
+        for indices, batch in batches
+    ]
+
+
+def write_shard_columns(
+    directory: Path,
+    *,
+    observations: Any,
+    actions: Any,
+    rewards: np.ndarray,
+    discounts: np.ndarray,
+    n_tuples: np.ndarray | Sequence[int],
+    has_reset_observation: bool | np.ndarray = True,
+    extras: dict[str, Any] | None = None,
+    infos: Sequence[Sequence[dict[str, Any]] | None] | None = None,
+    compression: str | None = "lz4",
+) -> ShardInfo:
+    """Writes ``E`` episodes given as packed columns (episodes back to back) to a new shard.
+
+    For callers that already hold concatenated columns (a flush cutting episodes out of a
+    time-major buffer with one gather per leaf): no per-episode Python at all. The file is
+    identical to what ``write_shard`` writes for the same episodes, with the same atomicity.
+
+    Args:
+        directory: The shards directory (created if missing).
+        observations: Pytree of arrays ``[sum(n_tuples + has_reset_observation), ...]``:
+            episode ``e``'s ``T_e + 1`` observations (``T_e`` without a reset observation),
+            episodes back to back.
+        actions: Pytree of arrays ``[sum(n_tuples), ...]``: the ``T_e`` actions of each episode,
+            back to back (no padding row).
+        rewards: ``[sum(n_tuples), ...]``.
+        discounts: ``[sum(n_tuples), ...]``.
+        n_tuples: ``[E]`` transitions per episode, each at least 1.
+        has_reset_observation: Bool, or ``[E]`` bools: whether each episode's observations
+            start with the reset observation.
+        extras: Dict of pytrees ``[sum(n_tuples), ...]`` (``None``: no extras).
+        infos: ``None``, or ``E`` entries, each ``None`` or a list of ``T_e`` info dicts.
+        compression: ``"lz4"`` (default), ``"zstd"`` or ``None``.
+
+    Returns:
+        A ``ShardInfo``; ``ranges[e]`` are episode ``e``'s rows, for the catalog.
+
+    Raises:
+        TupliStorageError: Bad input (the message names the column and the expected length) or
+            an I/O failure; nothing is written.
+
+    Not jit-safe (host I/O). Example:
+        >>> import tempfile
+        >>> info = write_shard_columns(
+        ...     Path(tempfile.mkdtemp()), observations=np.zeros((5, 4), np.float32),
+        ...     actions=np.array([0, 1, 1]), rewards=np.ones(3, np.float32),
+        ...     discounts=np.ones(3, np.float32), n_tuples=np.array([2, 1]))
+        >>> info.ranges
+        [(0, 3), (3, 5)]
+    """
+    _check_compression(compression)
+    batch = _batch_from_columns(
+        observations,
+        actions,
+        {} if extras is None else extras,
+        rewards,
+        discounts,
+        n_tuples,
+        has_reset_observation,
+        infos,
+    )
+    return _write_batch(directory, batch, compression)
 
 
 # ------------------------------------------------------------------------------------------------

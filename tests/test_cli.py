@@ -243,3 +243,49 @@ def test_real_subprocess_lists_json(filled):
         timeout=120,
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_record_then_list_through_the_console_entry_point(tmp_path: Path):
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "tupli_jax.cli"]
+    proc = subprocess.run(
+        [
+            *cmd,
+            "record",
+            "Game2048-v1",
+            "--num-envs",
+            "2",
+            "--steps",
+            "40",
+            "--capacity",
+            "20",
+            "--store",
+            str(store),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "recorded" in proc.stdout
+    listed = subprocess.run(
+        [*cmd, "list", "benchmarks", "--json", "--store", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    (bench,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert bench["metadata"]["name"] == "Game2048-v1"
+    reopened = FileStorage(store)
+    episodes = reopened.list_episodes()
+    assert all(h.benchmark_id == bench["id"] for h in episodes)
+    assert sum(h.n_tuples for h in episodes) <= 2 * 40
+    assert reopened.verify() == []
+
+
+def test_record_unknown_env_is_one_line(tmp_path: Path):
+    result = _invoke("record", "NoSuchEnv-v9", "--store", str(tmp_path / "s"), "--no-progress")
+    assert result.exit_code == 1
+    assert "unknown env id 'NoSuchEnv-v9'" in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -242,8 +242,9 @@ def list_(
 
         columns, rows = _rows(kind, headers)
         table = Table(title=f"{len(headers)} {kind.value} in '{store}'")
-        for column in columns:
-            table.add_column(column)
+        for column in columns:  # ids are UUIDv7 (time first): show them whole
+            is_id = column == "id" or column.endswith("_id")
+            table.add_column(column, no_wrap=is_id, min_width=32 if is_id else None)
         for row in rows:
             table.add_row(*row)
         Console().print(table)

@@ -6,7 +6,9 @@ Real SQLite and real shard files on temporary directories; the reference semanti
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,15 +38,19 @@ from tupli_jax.schema import (
 from tupli_jax.storage import FileStorage, TupliStorageError
 from tupli_jax.storage.catalog import (
     DICT,
+    EPISODE_FIELDS,
     LIST,
     NAN,
     NULL,
     NUMBER,
+    SCHEMA_VERSION,
     TEXT,
     UNINDEXED,
     check_id,
+    compile_filter,
     document_leaves,
     normalize_document,
+    normalize_documents,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -497,3 +503,278 @@ def test_list_artifacts_agrees_with_matches(
             expected = [h.id for h in everything if matches(f, h.model_dump())]
             assert [h.id for h in store.list_artifacts(f)] == expected, f
         store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# batched metadata normalisation (the record_episodes fast path)
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with every scalar tagged by its type (so ``1 != 1.0 != True``); NaN == NaN."""
+    if isinstance(value, dict):
+        return ("dict", [(k, _typed(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("list", [_typed(v) for v in value])
+    if isinstance(value, float) and math.isnan(value):
+        return ("float", "nan")
+    return (type(value).__name__, value)
+
+
+_NUMPY_DOCS = st.sampled_from(
+    [
+        {"np": np.int64(3), "f": np.float32(0.5)},
+        {"arr": np.arange(3), "nested": {"x": np.bool_(True)}},
+        {"t": (1, 2)},
+        {1: "int key", "s": "x"},
+    ]
+)
+
+
+@_PROPERTY
+@given(docs=st.lists(_DOCS | _NUMPY_DOCS, max_size=6))
+def test_normalize_documents_agrees_with_one_document_at_a_time(docs: list[Any]) -> None:
+    batch = normalize_documents(docs, "metadata of episode {}")
+    expected_leaves = []
+    for k, doc in enumerate(docs):
+        text, read_back = normalize_document(doc, "metadata")
+        leaves, inexact = document_leaves(read_back)
+        assert _typed(json.loads(batch.texts[k])) == _typed(json.loads(text))
+        assert _typed(batch.dicts[k]) == _typed(read_back)
+        assert batch.inexact[k] == inexact
+        expected_leaves += [(*leaf, k) for leaf in leaves]
+    assert [_typed(list(leaf)) for leaf in batch.leaves] == [
+        _typed(list(leaf)) for leaf in expected_leaves
+    ]
+
+
+def test_normalize_documents_names_the_bad_document() -> None:
+    with pytest.raises(TupliStorageError, match="metadata of episode 2"):
+        normalize_documents([{}, {"a": 1}, {"x": object()}], "metadata of episode {}")
+    with pytest.raises(TupliStorageError, match="metadata of episode 1 must be a dict"):
+        normalize_documents([{}, [1]], "metadata of episode {}")
+
+
+_FLAT_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([2**63, -(2**63) - 1, 2**80]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+    st.just("\ud800x"),
+)
+_FLAT_KEYS = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=3)
+
+
+@_PROPERTY
+@given(docs=st.lists(st.dictionaries(_FLAT_KEYS, _FLAT_VALUES, max_size=4), min_size=1, max_size=4))
+def test_flat_metadata_round_trips_with_its_types(docs: list[dict[str, Any]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        store, ids = _store_with(Path(tmp), docs)
+        headers = store.list_episodes()
+        assert [h.id for h in headers] == ids
+        for doc, header in zip(docs, headers, strict=True):
+            assert _typed(header.metadata) == _typed(doc)
+            assert _typed(store.load_episode(header.id).metadata) == _typed(doc)
+        store.close()
+
+
+def test_the_written_headers_equal_the_listed_ones(tmp_path: Path) -> None:
+    docs = [{}, {"seed": 1, "tag": "é", "x": 2.5}, {"cfg": {"lr": np.float32(0.5)}}]
+    store = FileStorage(tmp_path / "s")
+    bench = store.store_benchmark(
+        BenchmarkQuery(hash="h", serialized="{}", metadata=BenchmarkMetadata(name="b"))
+    ).id
+    written = store.record_episodes(
+        [
+            _episode(bench, d, n, rewards=np.full(n, 0.25, np.float32))
+            for d, n in zip(docs, [1, 2, 3], strict=True)
+        ]
+    )
+    listed = store.list_episodes()
+    assert [h.model_dump() for h in written] == [h.model_dump() for h in listed]
+    assert [h.episode_return for h in listed] == [0.25, 0.5, 0.75]
+    assert listed[2].metadata == {"cfg": {"lr": 0.5}}
+
+
+# --------------------------------------------------------------------------------------------
+# bounds on one key: one range scan, the same answers
+
+
+def test_bounds_on_one_path_compile_to_one_range_scan() -> None:
+    seed = "SELECT owner FROM episode_leaves WHERE path = ? AND type = 1"
+    both = FilterGEQ(key="metadata.seed", value=10) & FilterLT(key="metadata.seed", value=20.5)
+    sql = compile_filter(both, EPISODE_FIELDS)
+    assert sql.text.count(seed) == 1 and "value >= ? AND value < ?" in sql.text
+    assert sql.params == ("seed", 10, 20.5, "seed") and sql.exact
+    nested = FilterAND(
+        filters=[
+            FilterEQ(key="benchmark_id", value="b"),
+            FilterAND(filters=[FilterGT(key="metadata.seed", value=1), both]),
+        ]
+    )
+    sql = compile_filter(nested, EPISODE_FIELDS)
+    assert sql.text.count(seed) == 1 and "t.benchmark_id = ?" in sql.text
+    mixed = FilterGEQ(key="metadata.seed", value=1) & FilterLT(key="metadata.seed", value="z")
+    assert compile_filter(mixed, EPISODE_FIELDS).text.count("SELECT owner") == 4  # two classes
+    either = FilterGEQ(key="metadata.seed", value=1) | FilterLT(key="metadata.seed", value=5)
+    assert compile_filter(either, EPISODE_FIELDS).text.count(seed) == 2  # OR is not merged
+
+
+def test_range_filters_on_hand_made_data(seeded: tuple[FileStorage, list[str]]) -> None:
+    store, ids = seeded
+    between = FilterGEQ(key="metadata.seed", value=1) & FilterLT(key="metadata.seed", value=3)
+    assert _listed(store, between) == [ids[0], ids[1]]
+    closed = FilterGT(key="metadata.seed", value=1) & FilterLEQ(key="metadata.seed", value=3)
+    assert _listed(store, closed) == [ids[1], ids[2]]  # 3.0 <= 3; '3' is a str
+    text = FilterGEQ(key="metadata.seed", value="0") & FilterLT(key="metadata.seed", value="4")
+    assert _listed(store, text) == [ids[3]]
+    empty = FilterGT(key="metadata.seed", value=2) & FilterLT(key="metadata.seed", value=2)
+    assert _listed(store, empty) == []
+    pinned = FilterEQ(key="metadata.seed", value=2) & FilterGEQ(key="metadata.seed", value=True)
+    assert _listed(store, pinned) == [ids[1]]
+
+
+_X_VALUES = st.one_of(
+    st.integers(-3, 3),
+    st.floats(-3, 3),
+    st.sampled_from([math.nan, math.inf, -math.inf, 2**63, 2**70, -(2**70)]),
+    st.booleans(),
+    st.none(),
+    st.text(alphabet="ab1", max_size=2),
+    st.just("\ud800"),
+    st.lists(st.integers(0, 2), max_size=2),
+    st.just({"y": 1}),
+)
+_BOUND_VALUES = st.one_of(
+    st.integers(-4, 4),
+    st.floats(-4, 4),
+    st.sampled_from([math.nan, math.inf, 2**63, 2**70]),
+    st.booleans(),
+    st.text(alphabet="ab1", max_size=2),
+)
+
+
+def _bounds(key: str) -> st.SearchStrategy[BaseFilter]:
+    ops = st.sampled_from([FilterEQ, FilterGT, FilterGEQ, FilterLT, FilterLEQ])
+    return st.builds(lambda cls, v: cls(key=key, value=v), ops, _BOUND_VALUES)
+
+
+@_PROPERTY
+@given(
+    values=st.lists(st.none() | _X_VALUES, min_size=1, max_size=10),
+    conjunctions=st.lists(
+        st.tuples(
+            st.lists(_bounds("metadata.x"), min_size=2, max_size=4),
+            st.none() | _bounds("metadata.y"),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_merged_bounds_agree_with_matches(
+    values: list[Any], conjunctions: list[tuple[list[BaseFilter], BaseFilter | None, bool]]
+) -> None:
+    docs = [{} if v is None else {"x": v, "y": i % 3} for i, v in enumerate(values)]
+    with tempfile.TemporaryDirectory() as tmp:
+        store, ids = _store_with(Path(tmp), docs)
+        for bounds, other, nest in conjunctions:
+            operands: list[BaseFilter] = list(bounds) + ([other] if other is not None else [])
+            f: BaseFilter = FilterAND(filters=operands)
+            if nest:  # the same conjunction, as nested ANDs
+                f = FilterAND(
+                    filters=[FilterAND(filters=operands[:1]), FilterAND(filters=operands[1:])]
+                )
+            expected = [
+                i
+                for i, h in zip(ids, store.list_episodes(), strict=True)
+                if matches(f, h.model_dump())
+            ]
+            assert _listed(store, f) == expected, f
+            assert store._episode_locations(f).ids == expected, f
+        store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# schema migration
+
+
+_V1_EPISODES = """
+CREATE TABLE episodes_v1 (
+    rid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, benchmark_id TEXT NOT NULL,
+    shard TEXT NOT NULL, row_start INTEGER NOT NULL, row_stop INTEGER NOT NULL,
+    n_tuples INTEGER NOT NULL, episode_return REAL, terminated INTEGER NOT NULL,
+    timeout INTEGER NOT NULL, truncated INTEGER NOT NULL, metadata TEXT NOT NULL,
+    created_by TEXT NOT NULL, created_at TEXT NOT NULL, published_in TEXT NOT NULL,
+    inexact INTEGER NOT NULL)
+"""
+
+
+def _downgrade_to_version_1(path: Path) -> None:
+    """Rewrites a catalog in the version-1 shape (shard names, no flags, no episode blocks)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(_V1_EPISODES)
+        conn.execute(
+            "INSERT INTO episodes_v1 SELECT e.rid, e.id, e.benchmark_id, s.name, e.row_start, "
+            "e.row_stop, e.n_tuples, e.episode_return, e.terminated, e.timeout, e.truncated, "
+            "e.metadata, e.created_by, e.created_at, e.published_in, e.inexact "
+            "FROM episodes e JOIN shards s ON s.rid = e.shard_rid"
+        )
+        conn.execute("DROP TABLE episodes")
+        conn.execute("ALTER TABLE episodes_v1 RENAME TO episodes")
+        conn.execute("CREATE INDEX episodes_benchmark ON episodes(benchmark_id)")
+        conn.execute("CREATE INDEX episodes_shard ON episodes(shard)")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        conn.execute("DROP TABLE episode_blocks")  # version 1 had no blocks
+        conn.execute("DELETE FROM meta WHERE key = 'episode_blocks'")
+    conn.close()
+
+
+def test_a_version_1_catalog_is_migrated_on_open(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path / "s")
+    bench = store.store_benchmark(
+        BenchmarkQuery(hash="h", serialized="{}", metadata=BenchmarkMetadata(name="b"))
+    ).id
+    image = EpisodeData(
+        observations={"img": np.ones((3, 2, 2), np.uint8)}, actions=np.zeros(2, np.int32),
+        rewards=np.ones(2, np.float32), discounts=np.ones(2, np.float32), terminated=False,
+        truncated=True, metadata={"seed": 5}, benchmark_id=bench,
+    )  # fmt: skip
+    store.record_episodes([_episode(bench, {"seed": k}, k + 1) for k in range(3)] + [image])
+    store.delete_episode(store.list_episodes()[1].id)
+    headers = [h.model_dump() for h in store.list_episodes()]
+    before = store._episode_locations()
+    store.close()
+    _downgrade_to_version_1(tmp_path / "s" / "catalog.sqlite")
+    with sqlite3.connect(tmp_path / "s" / "catalog.sqlite") as conn:
+        assert "shard" in {r[1] for r in conn.execute("PRAGMA table_info(episodes)")}
+    conn.close()
+
+    reopened = FileStorage(tmp_path / "s")
+    assert [h.model_dump() for h in reopened.list_episodes()] == headers
+    after = reopened._episode_locations()
+    assert after.ids == before.ids and after.shard_paths == before.shard_paths
+    for name in ("shard_index", "row_start", "row_stop", "n_tuples", "terminated", "truncated"):
+        np.testing.assert_array_equal(getattr(after, name), getattr(before, name))
+    assert reopened.load_episode(headers[-1]["id"]).observations["img"].shape == (3, 2, 2)
+    assert _listed(reopened, FilterGEQ(key="metadata.seed", value=2)) == [
+        headers[1]["id"],
+        headers[2]["id"],
+    ]
+    assert reopened.verify() == []
+    new = reopened.record_episode(_episode(bench, {"seed": 9}))
+    assert _listed(reopened, FilterEQ(key="metadata.seed", value=9)) == [new.id]
+    assert reopened._catalog.query("SELECT value FROM meta WHERE key = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+    reopened.close()
+
+
+def test_a_newer_catalog_is_refused(tmp_path: Path) -> None:
+    FileStorage(tmp_path / "s").close()
+    with sqlite3.connect(tmp_path / "s" / "catalog.sqlite") as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(TupliStorageError, match="upgrade tupli_jax"):
+        FileStorage(tmp_path / "s")

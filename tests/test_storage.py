@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -29,6 +30,9 @@ from tupli_jax.schema import (
     EpisodeHeader,
     EpisodeItem,
     FilterEQ,
+    FilterGEQ,
+    FilterIN,
+    FilterLT,
     RLTuple,
     to_builtin,
 )
@@ -751,6 +755,164 @@ def test_episode_locations_agree_with_load_episode(store: FileStorage, bench: st
     assert len(none) == 0 and none.shard_paths == [] and none.row_start.shape == (0,)
 
 
+def test_episode_locations_in_catalog_order_over_interleaved_benchmarks_and_shards(
+    store: FileStorage, bench: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = store.store_benchmark(_query(hash="h-other")).id
+    image = {"img": np.zeros((3, 2, 2), np.uint8)}
+    for k in range(4):  # each batch: two benchmarks and two structures (two shards), interleaved
+        store.record_episodes(
+            [
+                _episode(bench, k + 1, metadata={"k": k, "i": 0}),
+                _episode(other, 2, image, metadata={"k": k, "i": 1}, terminated=False,
+                         truncated=True),
+                _episode(other, k + 2, metadata={"k": k, "i": 2}),
+            ]
+        )  # fmt: skip
+    store.record_episode(
+        Episode(benchmark_id=bench, metadata={"k": 9}, tuples=[RLTuple(state=[1.0, 2.0], action=0,
+                reward=1.0, terminal=True)])
+    )  # fmt: skip
+    headers = store.list_episodes()
+    store.delete_episodes([headers[1].id, headers[5].id])  # gaps in rids
+    filters = [
+        None,
+        FilterEQ(key="benchmark_id", value=other),
+        FilterIN(key="benchmark_id", value=[other, bench]),
+        FilterEQ(key="metadata.i", value=2),
+        FilterGEQ(key="metadata.k", value=1) & FilterLT(key="metadata.k", value=3),
+        FilterEQ(key="benchmark_id", value=bench) & FilterEQ(key="metadata.k", value=9),
+    ]
+    from tupli_jax.storage import _locations
+
+    for chunk in (1 << 20, 2):  # 2: one query per two rids, as for a huge store
+        monkeypatch.setattr(_locations, "_RIDS_PER_QUERY", chunk)
+        for f in filters:
+            expected = store.list_episodes(f)
+            loc = store._episode_locations(f)
+            assert loc.ids == [h.id for h in expected], (chunk, f)
+            assert loc.benchmark_ids == [h.benchmark_id for h in expected]
+            np.testing.assert_array_equal(loc.n_tuples, [h.n_tuples for h in expected])
+            np.testing.assert_array_equal(loc.terminated, [h.terminated for h in expected])
+            np.testing.assert_array_equal(loc.truncated, [h.truncated for h in expected])
+            for i, eid in enumerate(loc.ids):
+                path = loc.shard_paths[loc.shard_index[i]]
+                shard = open_shard(path, loc.shard_checksums[loc.shard_index[i]])
+                start, stop = int(loc.row_start[i]), int(loc.row_stop[i])
+                episode = shard.episode(start, stop, int(loc.n_tuples[i]))
+                _assert_tree_equal(episode.observations, store.load_episode(eid).observations)
+                assert bool(loc.has_reset[i]) == (stop - start == int(loc.n_tuples[i]) + 1)
+
+
+def test_episode_locations_refuse_an_episode_in_an_unlisted_shard(
+    store: FileStorage, bench: str
+) -> None:
+    import sqlite3
+
+    header = store.record_episode(_episode(bench, 3))
+    with sqlite3.connect(store.root / "catalog.sqlite") as conn:
+        conn.execute("DELETE FROM shards")
+    conn.close()
+    with pytest.raises(TupliStorageError, match="run verify"):
+        store._episode_locations()
+    with pytest.raises(TupliStorageError, match=header.id):
+        store.load_episode(header.id)
+    assert any("missing from the catalog" in p for p in store.verify())
+
+
+def test_new_ids_are_unique_time_ordered_uuid7_hex(store: FileStorage, bench: str) -> None:
+    first = store.record_episodes([_episode(bench, 2)] * 300)
+    time.sleep(0.002)
+    second = store.record_episodes([_episode(bench, 2)] * 3)
+    ids = [h.id for h in first + second]
+    assert len(set(ids)) == len(ids)
+    for eid in ids:
+        assert re.fullmatch(r"[0-9a-f]{32}", eid), eid
+        parsed = uuid.UUID(hex=eid)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert ids[:300] == sorted(ids[:300]) and max(ids[:300]) < min(ids[300:])
+    millis = int(ids[0][:12], 16)
+    assert abs(millis / 1000 - time.time()) < 60  # the prefix is the Unix time in ms
+    assert [h.id for h in store.list_episodes()] == ids
+
+
+class _Subclass(np.ndarray):
+    """An ndarray subclass (as a user's array type might be)."""
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rewards=st.lists(
+        st.tuples(
+            st.integers(1, 300),
+            st.sampled_from([np.float32, np.float64, np.int32, np.bool_]),
+            st.integers(0, 2**32 - 1),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_returns_equal_the_episode_data_property_bit_for_bit(
+    store: FileStorage, bench: str, rewards: list[tuple[int, Any, int]]
+) -> None:
+    episodes = []
+    for n, dtype, seed in rewards:
+        values = np.random.default_rng(seed).normal(0, 1e3, n)
+        if seed % 7 == 0 and dtype in (np.float32, np.float64):
+            values[n // 2] = np.nan
+        episodes.append(_episode(bench, n, rewards=values.astype(dtype)))
+    if len(episodes) > 1:  # an ndarray subclass takes the per-episode path
+        episodes[-1].rewards = episodes[-1].rewards.view(_Subclass)
+    written = store.record_episodes(episodes)
+    listed = {h.id: h for h in store.list_episodes()}
+    for episode, header in zip(episodes, written, strict=True):
+        expected = episode.episode_return
+        for got in (header.episode_return, listed[header.id].episode_return):
+            assert (math.isnan(got) and math.isnan(expected)) or got == expected
+
+
+def test_catalog_version_changes_with_every_commit_from_anywhere(
+    store: FileStorage, bench: str, tmp_path: Path
+) -> None:
+    v0 = store.catalog_version()
+    assert store.catalog_version() == v0
+    store.list_episodes()
+    store.verify()  # takes the write lock, changes nothing
+    assert store.catalog_version() == v0
+    header = store.record_episode(_episode(bench, 2))
+    v1 = store.catalog_version()
+    assert v1 != v0
+    other = FileStorage(store.root)  # another connection of this process
+    other.publish_episode(header.id, "team")
+    v2 = store.catalog_version()
+    assert v2 not in (v0, v1)
+    assert other.catalog_version() != v0
+    root = str(store.root)
+    _run_writers([["episodes", root, bench, "p", "1", "1"]])  # another process
+    v3 = store.catalog_version()
+    assert v3 not in (v0, v1, v2)
+    with pytest.raises(TupliStorageError):
+        store.record_episodes([_episode(bench, 2), _episode("unknown-benchmark", 2)])
+    assert store.catalog_version() == v3  # nothing was committed
+    store.close()  # a new connection restarts data_version: tokens never repeat
+    assert store.catalog_version() not in (v0, v1, v2, v3)
+
+
+def test_synchronous_modes(tmp_path: Path) -> None:
+    for mode, level in (("full", 2), ("normal", 1)):
+        store = FileStorage(tmp_path / mode, synchronous=mode)
+        assert store._catalog.query("PRAGMA synchronous") == [(level,)]
+        bench = store.store_benchmark(_query()).id
+        header = store.record_episode(_episode(bench, 2))
+        reopened = pickle.loads(pickle.dumps(store))
+        assert reopened._catalog.query("PRAGMA synchronous") == [(level,)]
+        assert reopened.load_episode(header.id).length == 2
+    with pytest.raises(TupliStorageError, match="synchronous"):
+        FileStorage(tmp_path / "bad", synchronous="off")
+
+
 def test_threads_share_one_store(store: FileStorage, bench: str) -> None:
     errors: list[BaseException] = []
 
@@ -838,7 +1000,10 @@ def test_verify_finds_catalog_rows_that_disagree_with_the_shard(
 
     header = store.record_episode(_episode(bench, 3))
     with sqlite3.connect(store.root / "catalog.sqlite") as conn:
-        conn.execute("UPDATE episodes SET row_stop = 99 WHERE id = ?", (header.id,))
+        conn.execute(  # flags repeats row_stop - row_start - n_tuples (a CHECK keeps them equal)
+            "UPDATE episodes SET row_stop = 99, flags = flags + 8 * (99 - row_stop) WHERE id = ?",
+            (header.id,),
+        )
     problems = store.verify()
     assert any("bad row range" in p and header.id in p for p in problems), problems
     with pytest.raises(TupliStorageError):

@@ -20,11 +20,11 @@ builds an OR over the stored benchmarks, so episodes whose benchmark was deleted
 ``with_*`` methods share the storage instead of deep-copying it; ``set_seed`` seeds the dataset's
 own RNG instead of Python's global one.
 
-Freshness: on a ``FileStorage`` the dataset watches the catalog (SQLite ``PRAGMA data_version``
-on a private read-only connection, ~10 us a check) and re-queries only after someone committed a
-change, so repeated ``to_numpy()`` calls never return stale data yet cost only the gathers: the
-catalog query (microseconds per episode) and the row plan (8 bytes per transition, plus the
-read-only ``episode_ids`` array shared by those calls) are kept while the store is unchanged.
+Freshness: on a ``FileStorage`` the dataset watches the catalog (``catalog_version()``, ~5 us a
+check) and re-queries only after someone committed a change, so repeated ``to_numpy()`` calls
+never return stale data yet cost only the gathers: the catalog query (about a microsecond per
+episode) and the row plan (8 bytes per transition, plus the read-only ``episode_ids`` array
+shared by those calls) are kept while the store is unchanged.
 Other storages are read once per dataset (pytupli's behaviour); ``refresh()`` forgets everything.
 
 Example:
@@ -46,15 +46,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import random
-import sqlite3
-import threading
 from collections.abc import Callable, Generator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -215,38 +211,19 @@ class TensorflowTupleParser(BaseTupleParser):
 class _CatalogWatch:
     """Tells whether a ``FileStorage`` catalog changed since a token was taken.
 
-    SQLite's ``PRAGMA data_version`` changes whenever another connection commits; this private
-    read-only connection never writes, so every commit (any process, including the storage's own
-    connection) changes it. On any error a fresh ``object()`` is returned: never equal, so
-    nothing cached is reused.
+    The token is ``FileStorage.catalog_version()``, which changes with every commit (any process,
+    including the storage itself). On any error a fresh ``object()`` is returned: never equal,
+    so nothing cached is reused.
     """
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+    def __init__(self, storage: FileStorage) -> None:
+        self._storage = storage
 
     def token(self) -> object:
-        with self._lock:
-            try:
-                if self._conn is None:
-                    uri = f"{self._path.as_uri()}?mode=ro"
-                    self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-                return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
-            except (sqlite3.Error, OSError, ValueError, TypeError):
-                self.close_locked()
-                return object()
-
-    def close_locked(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
-            self.close_locked()
+        try:
+            return self._storage.catalog_version()
+        except TupliStorageError:
+            return object()
 
 
 def _as_filter(value: Any, what: str) -> BaseFilter | None:
@@ -559,7 +536,7 @@ class TupliDataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_watch"] = None  # a sqlite connection; reopened by __setstate__
+        state["_watch"] = None  # rebuilt by __setstate__
         for name in ("_benchmarks", "_headers", "_items", "_tuples", "_plan"):
             state[name] = None  # read again after unpickling
         return state
@@ -918,7 +895,7 @@ class TupliDataset:
 
 def _watch_for(storage: Any) -> _CatalogWatch | None:
     if isinstance(storage, FileStorage):
-        return _CatalogWatch(storage.root / "catalog.sqlite")
+        return _CatalogWatch(storage)
     return None
 
 

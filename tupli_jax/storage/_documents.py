@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from pydantic_core import PydanticSerializationError, to_json
 
 from tupli_jax.schema import to_builtin
 from tupli_jax.storage.base import TupliStorageError
@@ -28,8 +30,10 @@ __all__ = [
     "NUMBER",
     "TEXT",
     "UNINDEXED",
+    "Documents",
     "document_leaves",
     "normalize_document",
+    "normalize_documents",
     "scalar_leaf",
 ]
 
@@ -116,3 +120,106 @@ def document_leaves(doc: Mapping[str, Any]) -> tuple[list[tuple[str, int, Any]],
 
     walk(doc, "")
     return leaves, inexact
+
+
+class Documents(NamedTuple):
+    """What ``normalize_documents`` computes for a batch of metadata dicts, one entry each.
+
+    Attributes:
+        texts: JSON text per document (the catalog's ``metadata`` column).
+        dicts: The dict read back from each text (what headers return; fresh objects).
+        leaves: ``(path, type, value, k)`` leaf-index rows, ``k`` the document's position.
+        inexact: Per document, whether a leaf is ``UNINDEXED`` (rechecked in Python).
+    """
+
+    texts: list[str]
+    dicts: list[dict[str, Any]]
+    leaves: list[tuple[str, int, Any, int]]
+    inexact: list[bool]
+
+
+def _flat_leaves(
+    doc: dict[Any, Any], k: int
+) -> tuple[list[tuple[str, int, Any, int]], bool] | None:
+    """Leaf rows of a flat dict with ``str`` keys and plain scalar values, else ``None``.
+
+    ``scalar_leaf`` inlined for the exact types ``str``, ``int``, ``float``, ``bool`` and
+    ``None`` (the hot path of ``record_episodes``: ~0.3 us per key).
+    """
+    rows: list[tuple[str, int, Any, int]] = []
+    inexact = False
+    for key, value in doc.items():
+        if type(key) is not str:
+            return None
+        reachable = "." not in key  # a dotted key can never be filtered on: no leaf
+        kind = type(value)
+        if kind is int:
+            leaf = (NUMBER, value) if I64_MIN <= value <= I64_MAX else (UNINDEXED, 0)
+        elif kind is str:
+            leaf = (TEXT, value) if value.isascii() else scalar_leaf(value)
+        elif kind is float:
+            leaf = (NUMBER, value) if value == value else (NAN, 0)
+        elif kind is bool:
+            leaf = (NUMBER, int(value))
+        elif value is None:
+            leaf = (NULL, 0)
+        else:
+            return None
+        if reachable:
+            rows.append((key, leaf[0], leaf[1], k))
+            inexact |= leaf[0] == UNINDEXED
+    return rows, inexact
+
+
+def normalize_documents(docs: Sequence[object], what: str) -> Documents:
+    """``normalize_document`` + ``document_leaves`` for a batch, with fast paths.
+
+    An empty dict costs no JSON at all; a flat dict with ``str`` keys and plain ``str``, ``int``,
+    ``float``, ``bool`` or ``None`` values (the usual episode metadata) is encoded once by
+    pydantic-core (5x faster than ``json.dumps``; the same values when read back) and not
+    decoded: its read-back dict is a copy of it. Anything else (numpy values, nesting, other key
+    types) goes through ``normalize_document``.
+
+    Args:
+        docs: The documents (each should be a dict).
+        what: Names a document in error messages, formatted with its index, e.g.
+            ``"metadata of episode {}"``.
+
+    Returns:
+        ``Documents`` with one text, dict and ``inexact`` flag per document, and the leaf rows of
+        all documents tagged with the document's index.
+
+    Raises:
+        TupliStorageError: A document is not a dict or not JSON-serialisable (its index named).
+
+    Example:
+        >>> docs = normalize_documents([{}, {"seed": 3}], "metadata {}")
+        >>> docs.texts, docs.leaves
+        (['{}', '{"seed":3}'], [('seed', 1, 3, 1)])
+    """
+    texts: list[str] = []
+    dicts: list[dict[str, Any]] = []
+    leaves: list[tuple[str, int, Any, int]] = []
+    inexact: list[bool] = []
+    for k, doc in enumerate(docs):
+        flat = _flat_leaves(doc, k) if type(doc) is dict else None
+        if flat is not None:
+            assert isinstance(doc, dict)
+            if doc:
+                try:
+                    texts.append(to_json(doc).decode())
+                except PydanticSerializationError:  # lone surrogates: json escapes them
+                    texts.append(json.dumps(doc))
+            else:
+                texts.append("{}")
+            dicts.append(dict(doc))
+            leaves += flat[0]
+            inexact.append(flat[1])
+            continue
+        text, read_back = normalize_document(doc, what.format(k))
+        found, odd = document_leaves(read_back)
+        texts.append(text)
+        dicts.append(read_back)
+        leaves.extend((*leaf, k) for leaf in found)
+        inexact.append(odd)
+    return Documents(texts, dicts, leaves, inexact)

@@ -2,9 +2,13 @@
 
 Host-side only. ``write_episodes`` writes one Arrow shard per observation structure into a
 private staging directory (no lock held), then under the catalog's write lock renames the shards
-into place, fsyncs the directory and inserts the shard, episode and metadata-leaf rows; the
-commit makes the whole batch visible at once, and a writer killed at any moment leaves nothing
-of it (``Layout.recover`` removes renamed but uncommitted shards).
+into place, fsyncs the directory and inserts the shard, episode, metadata-leaf and episode-block
+rows; the commit makes the whole batch visible at once, and a writer killed at any moment leaves
+nothing of it (``Layout.recover`` removes renamed but uncommitted shards).
+
+The catalog side is batched (~15 us per episode with small metadata, ~2/3 of it SQLite): ids
+from one ``os.urandom`` (``new_ids``), metadata through ``normalize_documents`` (no JSON for an
+empty dict), rows as prebuilt tuples for ``executemany``, headers built without validation.
 
 With a ``batch_id``, a ``batches`` row ``(id, [[episode_id, n_tuples], ...])`` is inserted in the
 same transaction. A batch id that is already committed makes the call a no-op that returns the
@@ -23,21 +27,25 @@ import datetime
 import json
 import os
 import sqlite3
-import uuid
 from collections.abc import Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tupli_jax.episode import EpisodeData
 from tupli_jax.schema import EpisodeHeader
+from tupli_jax.storage import _blocks
 from tupli_jax.storage import catalog as cat
 from tupli_jax.storage._files import Layout, fsync_dir, unlink
 from tupli_jax.storage.base import TupliStorageError
-from tupli_jax.storage.shards import ShardInfo, group_by_structure, write_shard
+from tupli_jax.storage.shards import ShardInfo, write_shards
 
 __all__ = ["has_batch", "write_episodes"]
 
 _SHOWN = 8  # lengths shown in a batch mismatch message
+_set_attr = object.__setattr__
 
 
 def _now() -> str:
@@ -52,6 +60,17 @@ def require_benchmarks(conn: sqlite3.Connection, ids: set[str], store: Path) -> 
                 f"benchmark '{bid}' not found in store '{store}'; store the benchmark "
                 "(store_benchmark / wrapper.store()) before recording its episodes"
             )
+
+
+def _benchmark_ids(items: list[EpisodeData], store: Path) -> set[str]:
+    """The distinct benchmark ids of ``items``, each checked with ``check_id``."""
+    try:
+        distinct = {e.benchmark_id for e in items}
+    except TypeError:  # an unhashable id: let check_id name it
+        distinct = set()
+        for e in items:
+            cat.check_id(e.benchmark_id, "benchmark", store)
+    return {cat.check_id(bid, "benchmark", store) for bid in distinct}
 
 
 def has_batch(catalog: cat.Catalog, batch_id: str) -> bool:
@@ -94,62 +113,111 @@ def _committed(
 
 def _stage(
     staging: Path, items: list[EpisodeData], compression: str | None
-) -> tuple[list[ShardInfo], list[tuple[str, int, int]]]:
-    """Writes the shards (one per observation structure); where each episode landed."""
-    shard_of: list[tuple[str, int, int]] = [("", 0, 0)] * len(items)
+) -> tuple[list[ShardInfo], list[int], list[int], list[int]]:
+    """Writes the shards (one per structure); per episode its shard's position in the
+    returned list, its first row and its stop row.
+
+    The staging directory is not fsynced: the files are renamed out of it and the shards
+    directory is fsynced then.
+    """
+    n = len(items)
+    shard_of, starts, stops = [0] * n, [0] * n, [0] * n
     infos = []
-    for group in group_by_structure(items):
-        info = write_shard(staging, [items[i] for i in group], compression=compression)
+    written = write_shards(staging, items, compression=compression, fsync_directory=False)
+    for k, (group, info) in enumerate(written):
         infos.append(info)
         for i, (start, stop) in zip(group, info.ranges, strict=True):
-            shard_of[i] = (info.name, start, stop)
-    return infos, shard_of
+            shard_of[i], starts[i], stops[i] = k, start, stop
+    return infos, shard_of, starts, stops
+
+
+def _returns(items: list[EpisodeData]) -> list[float]:
+    """``EpisodeData.episode_return`` of every episode, bit for bit.
+
+    ``ndarray.sum`` is the same float64 reduction as the property's ``np.sum``, without its
+    dispatch (~1.5 us instead of ~7 us). ``np.add.reduceat`` over all episodes would be faster
+    still, but it adds in another order (other last bits).
+    """
+    out = []
+    for e in items:
+        r = e.rewards
+        if type(r) is np.ndarray:
+            out.append(float((r if r.dtype == np.float64 else r.astype(np.float64)).sum()))
+        else:
+            out.append(e.episode_return)
+    return out
 
 
 def _insert(
     conn: sqlite3.Connection,
     items: list[EpisodeData],
-    metas: list[tuple[str, dict[str, Any]]],
-    shard_of: list[tuple[str, int, int]],
+    docs: cat.Documents,
+    shards: tuple[list[int], list[int], list[int]],
     created_by: str,
 ) -> list[EpisodeHeader]:
-    """Inserts the episode and metadata-leaf rows; the headers in input order."""
-    now, published = _now(), json.dumps([created_by])
+    """Inserts the episode, metadata-leaf and episode-block rows; the headers in input order.
+
+    No per-episode SQL statement: two ``executemany`` over prebuilt tuples and one block write
+    per benchmark; headers are built without validation.
+    """
+    shard_rid, starts, stops = shards
+    n = len(items)
+    now = _now()
+    published = json.dumps([created_by])
     rid0 = int(conn.execute("SELECT COALESCE(MAX(rid), 0) + 1 FROM episodes").fetchone()[0])
-    rows: list[tuple[Any, ...]] = []
-    leaf_rows: list[tuple[Any, ...]] = []
-    headers: list[EpisodeHeader] = []
-    for i, episode in enumerate(items):
-        name, start, stop = shard_of[i]
-        leaves, inexact = cat.document_leaves(metas[i][1])
-        leaf_rows.extend((*leaf, rid0 + i) for leaf in leaves)
-        terminated, truncated = bool(episode.terminated), bool(episode.truncated)
-        values = {
-            "id": uuid.uuid4().hex,
-            "created_by": created_by,
-            "published_in": [created_by],
-            "created_at": now,
-            "benchmark_id": episode.benchmark_id,
-            "metadata": metas[i][1],
-            "n_tuples": episode.length,
-            "terminated": terminated,
-            "timeout": truncated,
-            "truncated": truncated,
-            "episode_return": episode.episode_return,
-        }
-        headers.append(cat.fast_model(EpisodeHeader, values))
-        rows.append(
-            (rid0 + i, values["id"], episode.benchmark_id, name, start, stop, episode.length,
-             values["episode_return"], terminated, truncated, truncated, metas[i][0],
-             created_by, now, published, int(inexact))
-        )  # fmt: skip
+    ids = cat.new_ids(n)
+    lengths = [int(np.shape(e.rewards)[0]) for e in items]
+    returns = _returns(items)
+    terminated = [bool(e.terminated) for e in items]
+    truncated = [bool(e.truncated) for e in items]
+    bench = [e.benchmark_id for e in items]
+    flags = [
+        t + 2 * u + 4 * x + 8 * (stop - start - length)
+        for t, u, x, start, stop, length in zip(
+            terminated, truncated, docs.inexact, starts, stops, lengths, strict=True
+        )
+    ]
+    rids = range(rid0, rid0 + n)
     conn.executemany(
-        "INSERT INTO episodes (rid, id, benchmark_id, shard, row_start, row_stop, n_tuples, "
+        "INSERT INTO episodes (rid, id, benchmark_id, shard_rid, row_start, row_stop, n_tuples, "
         "episode_return, terminated, timeout, truncated, metadata, created_by, created_at, "
-        "published_in, inexact) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
-    conn.executemany("INSERT INTO episode_leaves VALUES (?, ?, ?, ?)", leaf_rows)
+        "published_in, inexact, flags) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        zip(rids, ids, bench, shard_rid, starts, stops, lengths, returns, terminated, truncated,
+            truncated, docs.texts, repeat(created_by), repeat(now), repeat(published),
+            docs.inexact, flags),
+    )  # fmt: skip
+    if docs.leaves:
+        conn.executemany(
+            "INSERT INTO episode_leaves VALUES (?, ?, ?, ?)",
+            [(path, kind, value, rid0 + k) for path, kind, value, k in docs.leaves],
+        )
+    _blocks.add(conn, bench, rids, shard_rid, starts, lengths, flags, ids)
+    new, fields = object.__new__, cat.EPISODE_FIELDS_SET
+    headers: list[EpisodeHeader] = []
+    for i in range(n):
+        header = new(EpisodeHeader)
+        _set_attr(
+            header,
+            "__dict__",
+            {
+                "id": ids[i],
+                "created_by": created_by,
+                "published_in": [created_by],
+                "created_at": now,
+                "benchmark_id": bench[i],
+                "metadata": docs.dicts[i],
+                "n_tuples": lengths[i],
+                "terminated": terminated[i],
+                "timeout": truncated[i],
+                "truncated": truncated[i],
+                "episode_return": returns[i],
+            },
+        )
+        _set_attr(header, "__pydantic_fields_set__", fields)
+        _set_attr(header, "__pydantic_extra__", None)
+        _set_attr(header, "__pydantic_private__", None)
+        headers.append(header)
     return headers
 
 
@@ -201,14 +269,12 @@ def write_episodes(
                 if done is None:
                     _insert_batch(conn, batch_id, [])
         return []
-    metas = [
-        cat.normalize_document(e.metadata, f"metadata of episode {i}") for i, e in enumerate(items)
-    ]
-    bench_ids = {cat.check_id(e.benchmark_id, "benchmark", root) for e in items}
+    docs = cat.normalize_documents([e.metadata for e in items], "metadata of episode {}")
+    bench_ids = _benchmark_ids(items, root)
     with catalog.read() as conn:
         require_benchmarks(conn, bench_ids, root)
     with layout.staging_dir() as staging:
-        infos, shard_of = _stage(staging, items, compression)
+        infos, shard_of, starts, stops = _stage(staging, items, compression)
         renamed: list[Path] = []
         try:
             with catalog.write() as conn:
@@ -222,12 +288,16 @@ def write_episodes(
                     renamed.append(layout.shards / info.name)
                 fsync_dir(layout.shards)
                 now = _now()
-                conn.executemany(
-                    "INSERT INTO shards (name, checksum, size, n_rows, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [(s.name, s.checksum, s.size, s.n_rows, now) for s in infos],
-                )
-                headers = _insert(conn, items, metas, shard_of, created_by)
+                rids: list[int] = []
+                for info in infos:
+                    cursor = conn.execute(
+                        "INSERT INTO shards (name, checksum, size, n_rows, created_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (info.name, info.checksum, info.size, info.n_rows, now),
+                    )
+                    rids.append(int(cursor.lastrowid or 0))  # always set after an INSERT
+                shard_rid = [rids[k] for k in shard_of]
+                headers = _insert(conn, items, docs, (shard_rid, starts, stops), created_by)
                 if batch_id is not None:
                     _insert_batch(conn, batch_id, headers)
         except BaseException:

@@ -271,19 +271,103 @@ def _leaf(f: BaseFilter, fields: Fields) -> Sql:
             return _FALSE
     else:
         values = [_category(f.value)]
-    parts = f.key.split(".")
-    node: Column | Doc | Fields = fields
-    for i, part in enumerate(parts):
-        if isinstance(node, Column):
-            return _FALSE  # a scalar has no sub-keys: the key is missing
-        if isinstance(node, Doc):
-            return _doc_leaf(node.table, ".".join(parts[i:]), op, values)
-        if part not in node:
-            return _FALSE
-        node = node[part]
+    node = _resolve(f.key, fields)
+    if node is None:
+        return _FALSE  # the key is missing from every header
+    if isinstance(node, tuple):
+        return _doc_leaf(node[0], node[1], op, values)
     if isinstance(node, Column):
         return _column_leaf(node, op, values)
     return _container_leaf(op, values)  # a whole dict (metadata, extra)
+
+
+def _resolve(key: str, fields: Fields) -> Column | Doc | Fields | tuple[str, str] | None:
+    """What a dotted key names: a column, ``(side table, path)`` inside a document, a whole
+    document or dict of fields, or ``None`` (no header has it)."""
+    parts = key.split(".")
+    node: Column | Doc | Fields = fields
+    for i, part in enumerate(parts):
+        if isinstance(node, Column):
+            return None  # a scalar has no sub-keys
+        if isinstance(node, Doc):
+            return node.table, ".".join(parts[i:])
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds on one document path, merged
+# --------------------------------------------------------------------------------------------
+
+_BOUND_OPS = (FilterType.EQ, FilterType.GT, FilterType.GEQ, FilterType.LT, FilterType.LEQ)
+
+
+def _bound_key(f: BaseFilter, fields: Fields) -> tuple[str, str, str] | None:
+    """``(table, path, category)`` of a leaf that compares one document path with a number or
+    a string (EQ or an ordering), else ``None``."""
+    if f.type not in _BOUND_OPS or not isinstance(f.key, str):
+        return None
+    category = _category(f.value)[0]
+    if category not in ("num", "str"):
+        return None
+    node = _resolve(f.key, fields)
+    if not isinstance(node, tuple):
+        return None
+    return node[0], node[1], category
+
+
+def _merged_bounds(table: str, path: str, category: str, leaves: list[BaseFilter]) -> Sql:
+    """The conjunction of ``leaves`` (all ``_bound_key`` equal) as ONE index range scan.
+
+    Each leaf alone selects ``owners(type = T AND value op v) UNION owners(type = UNINDEXED)``.
+    A document has at most one node per path, so the AND of those sets is the owners whose
+    node has type ``T`` and satisfies every bound, plus the ``UNINDEXED`` owners (rechecked in
+    Python, as for one leaf): one scan of ``(path, type, value)`` from the lower to the upper
+    bound instead of one subquery per bound, each matching a large share of the store.
+    """
+    kind = NUMBER if category == "num" else TEXT
+    conds = " AND ".join(f"value {_OPS[f.type]} ?" for f in leaves)
+    bounds = tuple(_category(f.value)[1] for f in leaves)
+    return Sql(
+        f"t.rid IN (SELECT owner FROM {table} WHERE path = ? AND type = {kind} AND {conds} "
+        f"UNION ALL SELECT owner FROM {table} WHERE path = ? AND type = {UNINDEXED})",
+        (path, *bounds, path),
+    )
+
+
+def _conjuncts(filter: BaseFilter) -> list[BaseFilter]:
+    """The operands of nested ANDs, flattened (AND is associative)."""
+    out: list[BaseFilter] = []
+    for f in filter.filters or []:
+        if isinstance(f, BaseFilter) and f.type is FilterType.AND:
+            out += _conjuncts(f)
+        else:
+            out.append(f)
+    return out
+
+
+def _compile_and(filter: BaseFilter, fields: Fields) -> Sql:
+    """An AND node: bounds on the same document path (and value class) merged into one range
+    scan, every other operand compiled on its own."""
+    operands = _conjuncts(filter)
+    groups: dict[tuple[str, str, str], list[BaseFilter]] = {}
+    rest: list[BaseFilter] = []
+    for f in operands:
+        key = _bound_key(f, fields) if isinstance(f, BaseFilter) else None
+        if key is None:
+            rest.append(f)
+        else:
+            groups.setdefault(key, []).append(f)
+    parts = []
+    for (table, path, category), leaves in groups.items():
+        if len(leaves) == 1:
+            parts.append(compile_filter(leaves[0], fields))
+        else:
+            parts.append(_merged_bounds(table, path, category, leaves))
+    parts += [compile_filter(f, fields) for f in rest]
+    return _and(parts)
 
 
 def compile_filter(filter: BaseFilter | None, fields: Fields) -> Sql:
@@ -312,9 +396,10 @@ def compile_filter(filter: BaseFilter | None, fields: Fields) -> Sql:
             f"filter must be a tupli_jax.schema filter (FilterEQ, FilterAND, ...) or None, "
             f"received {type(filter).__name__}"
         )
-    if filter.type in (FilterType.AND, FilterType.OR):
-        subs = [compile_filter(f, fields) for f in filter.filters or []]
-        sql = _and(subs) if filter.type is FilterType.AND else _or(subs)
+    if filter.type is FilterType.AND:
+        sql = _compile_and(filter, fields)
+    elif filter.type is FilterType.OR:
+        sql = _or([compile_filter(f, fields) for f in filter.filters or []])
     else:
         sql = _leaf(filter, fields)
     if len(sql.params) > _MAX_PARAMS:

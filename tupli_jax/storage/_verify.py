@@ -13,6 +13,7 @@ import collections
 import hashlib
 import os
 
+from tupli_jax.storage import _blocks
 from tupli_jax.storage._files import SHARD_FILE, Layout
 from tupli_jax.storage.catalog import Catalog, is_id
 from tupli_jax.storage.shards import verify_shard
@@ -27,16 +28,22 @@ def verify_store(layout: Layout, catalog: Catalog) -> list[str]:
 
     Finds orphan shard and artifact files, missing files, checksum mismatches, episodes whose row
     range does not fit their shard or their length, overlapping episodes, shards without
-    episodes, damaged artifacts, leftovers of dead writers and SQLite-level damage.
+    episodes, damaged artifacts, leftovers of dead writers, episode blocks that disagree with the
+    episode rows and SQLite-level damage.
     """
     quick = [r[0] for r in catalog.query("PRAGMA quick_check")]
     with catalog.write() as conn:  # the write lock: no writer is between rename+commit
         shard_rows = conn.execute("SELECT name, checksum, size, n_rows FROM shards").fetchall()
-        episodes = conn.execute(
-            "SELECT id, shard, row_start, row_stop, n_tuples FROM episodes ORDER BY shard, "
-            "row_start"
-        ).fetchall()
+        shard_names = dict(conn.execute("SELECT rid, name FROM shards").fetchall())
+        episodes = [
+            (eid, shard_names.get(srid, f"#{srid}"), start, stop, n_tuples)
+            for eid, srid, start, stop, n_tuples in conn.execute(
+                "SELECT id, shard_rid, row_start, row_stop, n_tuples FROM episodes "
+                "ORDER BY shard_rid, row_start"
+            )
+        ]
         artifact_rows = conn.execute("SELECT id, hash, size FROM artifacts").fetchall()
+        block_problems = _blocks.check(conn)
         shard_files = {e.name for e in os.scandir(layout.shards)}
         artifact_files = {e.name for e in os.scandir(layout.artifacts)}
         stale = layout.stale_staging()
@@ -96,6 +103,7 @@ def verify_store(layout: Layout, catalog: Catalog) -> list[str]:
     report("episode referencing a shard missing from the catalog", dangling)
     report("episode with a bad row range", bad_ranges)
     report("overlapping episodes", overlaps)
+    problems.extend(block_problems)
     bad_artifacts = []
     for aid, digest, _size in artifact_rows:
         path = layout.artifacts / aid

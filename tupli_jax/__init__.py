@@ -1,4 +1,4 @@
-"""tupli_jax: record millions of vectorised RL transitions on device into an embedded offline-RL store.
+"""tupli_jax: record vectorised RL transitions on device into an embedded offline-RL store.
 
 The public API (see the README and ``shared/DESIGN.md``)::
 

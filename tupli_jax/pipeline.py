@@ -336,7 +336,9 @@ def record(
         episode_return=jnp.zeros(num_envs, jnp.float32),
         episode_length=jnp.zeros(num_envs, jnp.int32),
     )
-    # A copy: the env state holds the same arrays, and the carry is donated to each chunk.
+    # Copies: the carry is donated to each chunk, and donation refuses a buffer that appears twice
+    # (env states may alias leaves, e.g. Snake's body and tail; observations alias the state).
+    carry = jax.tree.map(jnp.copy, carry)
     observation = jax.tree.map(jnp.copy, timestep.observation)
     run_id = secrets.token_hex(8)
     start_chunk = 0

@@ -23,6 +23,7 @@ import jsonpickle
 import jumanji
 import numpy as np
 import pytest
+from _payloads import call, fn, made_gym
 
 from tupli_jax.benchmark import (
     UnsafePayloadError,
@@ -52,30 +53,6 @@ JUMANJI_IDS = ["Game2048-v1", "Snake-v1", "Maze-v0"]
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def fn(name: str) -> dict[str, Any]:
-    return {"py/function": name}
-
-
-def tup(*items: Any) -> dict[str, Any]:
-    return {"py/tuple": list(items)}
-
-
-def call(target: Any, *args: Any, state: Any = None) -> dict[str, Any]:
-    reduce = [target, tup(*args)]
-    if state is not None:
-        reduce.append(state)
-    return {"py/reduce": reduce}
-
-
-def made_gym(env_id: str, seed: int = 0, steps: int = 3) -> gymnasium.Env[Any, Any]:
-    env = gymnasium.make(env_id)
-    env.reset(seed=seed)
-    env.action_space.seed(seed)
-    for _ in range(steps):
-        env.step(env.action_space.sample())
-    return env
 
 
 def rollout(env: gymnasium.Env[Any, Any], actions: list[Any], seed: int | None) -> list[Any]:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import envs_for_tests
-import gymnasium
 import jax.numpy as jnp
 import jsonpickle
 import numpy as np
 import pytest
+from _payloads import call, fn, made_gym, tup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -47,32 +47,8 @@ from tupli_jax.storage.base import TupliStorageError
 # --------------------------------------------------------------------------------------------
 
 
-def fn(name: str) -> dict[str, Any]:
-    return {"py/function": name}
-
-
 def ty(name: str) -> dict[str, Any]:
     return {"py/type": name}
-
-
-def tup(*items: Any) -> dict[str, Any]:
-    return {"py/tuple": list(items)}
-
-
-def call(target: Any, *args: Any, state: Any = None) -> dict[str, Any]:
-    reduce = [target, tup(*args)]
-    if state is not None:
-        reduce.append(state)
-    return {"py/reduce": reduce}
-
-
-def made_gym(env_id: str, seed: int = 0, steps: int = 3) -> gymnasium.Env[Any, Any]:
-    env = gymnasium.make(env_id)
-    env.reset(seed=seed)
-    env.action_space.seed(seed)
-    for _ in range(steps):
-        env.step(env.action_space.sample())
-    return env
 
 
 def cartpole_payload_with(evil: Any) -> str:

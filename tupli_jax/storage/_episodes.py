@@ -23,26 +23,32 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tupli_jax.episode import EpisodeData
+from tupli_jax.episode import EpisodeBatch, EpisodeData
 from tupli_jax.schema import EpisodeHeader
 from tupli_jax.storage import _blocks
 from tupli_jax.storage import catalog as cat
 from tupli_jax.storage._files import Layout, fsync_dir, unlink
 from tupli_jax.storage.base import TupliStorageError
-from tupli_jax.storage.shards import ShardInfo, write_shards
+from tupli_jax.storage.shards import (
+    ShardInfo,
+    _flatten_field,
+    write_shard_columns,
+    write_shards,
+)
 
-__all__ = ["has_batch", "write_episodes"]
+__all__ = ["has_batch", "write_episode_batch", "write_episodes"]
 
 _SHOWN = 8  # lengths shown in a batch mismatch message
 _set_attr = object.__setattr__
@@ -80,19 +86,20 @@ def has_batch(catalog: cat.Catalog, batch_id: str) -> bool:
 
 
 def _committed(
-    conn: sqlite3.Connection, batch_id: str, items: Sequence[EpisodeData], store: Path
+    conn: sqlite3.Connection, batch_id: str, received: Sequence[int], store: Path
 ) -> list[EpisodeHeader] | None:
     """The headers of committed batch ``batch_id`` in their original order, or ``None``.
 
-    Episodes of the batch deleted since are left out. Raises if ``items`` cannot be the same
-    batch (another number of episodes or other lengths): a batch id names one batch.
+    Episodes of the batch deleted since are left out. Raises if ``received`` (the episode
+    lengths of this call) cannot be the same batch (another number of episodes or other
+    lengths): a batch id names one batch.
     """
     row = conn.execute("SELECT episodes FROM batches WHERE id = ?", (batch_id,)).fetchone()
     if row is None:
         return None
     entries: list[list[Any]] = json.loads(row[0])
     stored = [int(n) for _, n in entries]
-    received = [e.length for e in items]
+    received = list(received)
     if stored != received:
         raise TupliStorageError(
             f"batch '{batch_id}' is already committed in store '{store}' with {len(stored)} "
@@ -148,9 +155,41 @@ def _returns(items: list[EpisodeData]) -> list[float]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """Per-episode catalog values, as python lists (one entry per episode)."""
+
+    lengths: list[int]
+    returns: list[float]
+    terminated: list[bool]
+    truncated: list[bool]
+    bench: list[str]
+
+    @classmethod
+    def of_items(cls, items: list[EpisodeData]) -> _Rows:
+        return cls(
+            [int(np.shape(e.rewards)[0]) for e in items],
+            _returns(items),
+            [bool(e.terminated) for e in items],
+            [bool(e.truncated) for e in items],
+            [e.benchmark_id for e in items],
+        )
+
+    @classmethod
+    def of_batch(cls, batch: EpisodeBatch) -> _Rows:
+        n = len(batch)
+        return cls(
+            np.asarray(batch.n_tuples, np.int64).tolist(),
+            batch.episode_returns().tolist(),
+            np.asarray(batch.terminated, bool).tolist(),
+            np.asarray(batch.truncated, bool).tolist(),
+            [batch.benchmark_id] * n,
+        )
+
+
 def _insert(
     conn: sqlite3.Connection,
-    items: list[EpisodeData],
+    values: _Rows,
     docs: cat.Documents,
     shards: tuple[list[int], list[int], list[int]],
     created_by: str,
@@ -161,16 +200,13 @@ def _insert(
     per benchmark; headers are built without validation.
     """
     shard_rid, starts, stops = shards
-    n = len(items)
+    lengths, returns = values.lengths, values.returns
+    terminated, truncated, bench = values.terminated, values.truncated, values.bench
+    n = len(lengths)
     now = _now()
     published = json.dumps([created_by])
     rid0 = int(conn.execute("SELECT COALESCE(MAX(rid), 0) + 1 FROM episodes").fetchone()[0])
     ids = cat.new_ids(n)
-    lengths = [int(np.shape(e.rewards)[0]) for e in items]
-    returns = _returns(items)
-    terminated = [bool(e.terminated) for e in items]
-    truncated = [bool(e.truncated) for e in items]
-    bench = [e.benchmark_id for e in items]
     flags = [
         t + 2 * u + 4 * x + 8 * (stop - start - length)
         for t, u, x, start, stop, length in zip(
@@ -256,33 +292,156 @@ def write_episodes(
         TupliStorageError: Bad metadata, an unknown benchmark, a batch id already committed with
             other episodes, or an I/O failure; nothing is stored.
     """
+    lengths = [e.length for e in items]
+    if not items:
+        return _commit(layout, catalog, lengths, None, created_by, batch_id)
+
+    def prepare() -> _Prepared:
+        docs = cat.normalize_documents([e.metadata for e in items], "metadata of episode {}")
+        return _Prepared(docs, _benchmark_ids(items, layout.root), lambda: _Rows.of_items(items))
+
+    def stage(staging: Path) -> tuple[list[ShardInfo], list[int], list[int], list[int]]:
+        return _stage(staging, items, compression)
+
+    return _commit(layout, catalog, lengths, (prepare, stage), created_by, batch_id)
+
+
+def write_episode_batch(
+    layout: Layout,
+    catalog: cat.Catalog,
+    batch: EpisodeBatch,
+    *,
+    compression: str | None,
+    created_by: str,
+    batch_id: str | None,
+) -> list[EpisodeHeader]:
+    """``write_episodes`` for packed columns: one shard from the columns, no per-episode arrays.
+
+    Same atomicity, batch-id semantics and errors as ``write_episodes``.
+    """
+    n = _check_batch(batch, layout.root)
+    lengths = np.asarray(batch.n_tuples, np.int64).tolist()
+    if n == 0:
+        return _commit(layout, catalog, lengths, None, created_by, batch_id)
+
+    def prepare() -> _Prepared:
+        metadata = batch.metadata if batch.metadata is not None else [{}] * n
+        docs = cat.normalize_documents(metadata, "metadata of episode {}")
+        bench = {cat.check_id(batch.benchmark_id, "benchmark", layout.root)}
+        return _Prepared(docs, bench, lambda: _Rows.of_batch(batch))
+
+    def stage(staging: Path) -> tuple[list[ShardInfo], list[int], list[int], list[int]]:
+        info = write_shard_columns(
+            staging,
+            observations=batch.observations,
+            actions=batch.actions,
+            rewards=batch.rewards,
+            discounts=batch.discounts,
+            n_tuples=np.asarray(batch.n_tuples),
+            extras=batch.extras,
+            compression=compression,
+            fsync_directory=False,
+        )
+        starts = [start for start, _ in info.ranges]
+        stops = [stop for _, stop in info.ranges]
+        return [info], [0] * n, starts, stops
+
+    return _commit(layout, catalog, lengths, (prepare, stage), created_by, batch_id)
+
+
+def _check_batch(batch: EpisodeBatch, store: Path) -> int:
+    """Checks the per-episode fields of ``batch``; returns ``E`` (the columns are checked by
+    ``write_shard_columns``)."""
+    if not isinstance(batch, EpisodeBatch):
+        raise TupliStorageError(
+            f"expected an EpisodeBatch, received {type(batch).__name__}; use record_episodes "
+            "for a list of episodes"
+        )
+    counts = np.asarray(batch.n_tuples)
+    if counts.ndim != 1 or counts.dtype.kind not in "iu":
+        raise TupliStorageError(
+            f"EpisodeBatch.n_tuples must be a 1-D integer array [E]; received dtype "
+            f"{counts.dtype} with shape {counts.shape}"
+        )
+    n = int(counts.shape[0])
+    for name in ("terminated", "truncated"):
+        flags = np.asarray(getattr(batch, name))
+        if flags.shape != (n,) or flags.dtype != np.bool_:
+            raise TupliStorageError(
+                f"EpisodeBatch.{name} must be a bool array of shape ({n},) (one per episode); "
+                f"received dtype {flags.dtype} with shape {flags.shape}"
+            )
+    if batch.metadata is not None and (
+        not isinstance(batch.metadata, Sequence) or len(batch.metadata) != n
+    ):
+        received = len(batch.metadata) if isinstance(batch.metadata, Sequence) else "no list"
+        raise TupliStorageError(
+            f"EpisodeBatch.metadata must be None or a list of {n} dicts (one per episode); "
+            f"received {received}"
+        )
+    if n == 0:  # write_shard_columns is not called: check here that no rows would be dropped
+        fields = ("observations", "actions", "rewards", "discounts", "extras")
+        for field in fields:
+            for leaf in _flatten_field("EpisodeBatch", field, getattr(batch, field))[0]:
+                if leaf.shape[:1] != (0,):
+                    raise TupliStorageError(
+                        f"EpisodeBatch.n_tuples is empty (no episodes) but {field} has "
+                        f"{leaf.shape[0] if leaf.ndim else 'scalar'} rows; expected leading "
+                        "length 0: pass n_tuples for those rows"
+                    )
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """What a write needs before the staging: metadata documents, benchmark ids, row values."""
+
+    docs: cat.Documents
+    bench_ids: set[str]
+    rows: Callable[[], _Rows]
+
+
+_Stage = Callable[[Path], tuple[list[ShardInfo], list[int], list[int], list[int]]]
+
+
+def _commit(
+    layout: Layout,
+    catalog: cat.Catalog,
+    lengths: list[int],
+    work: tuple[Callable[[], _Prepared], _Stage] | None,
+    created_by: str,
+    batch_id: str | None,
+) -> list[EpisodeHeader]:
+    """The write protocol shared by both write paths (``work`` is ``None`` for no episodes):
+    replay check, validation, staging without a lock, then rename + insert + commit."""
     root = layout.root
     if batch_id is not None:
         with catalog.read() as conn:  # the common replay case, without staging anything
-            done = _committed(conn, batch_id, items, root)
+            done = _committed(conn, batch_id, lengths, root)
         if done is not None:
             return done
-    if not items:
+    if work is None:
         if batch_id is not None:
             with catalog.write() as conn:
-                done = _committed(conn, batch_id, items, root)
+                done = _committed(conn, batch_id, lengths, root)
                 if done is None:
                     _insert_batch(conn, batch_id, [])
         return []
-    docs = cat.normalize_documents([e.metadata for e in items], "metadata of episode {}")
-    bench_ids = _benchmark_ids(items, root)
+    prepare, stage = work
+    prepared = prepare()
     with catalog.read() as conn:
-        require_benchmarks(conn, bench_ids, root)
+        require_benchmarks(conn, prepared.bench_ids, root)
     with layout.staging_dir() as staging:
-        infos, shard_of, starts, stops = _stage(staging, items, compression)
+        infos, shard_of, starts, stops = stage(staging)
+        values = prepared.rows()
         renamed: list[Path] = []
         try:
             with catalog.write() as conn:
                 if batch_id is not None:
-                    done = _committed(conn, batch_id, items, root)
+                    done = _committed(conn, batch_id, lengths, root)
                     if done is not None:  # another writer committed it meanwhile
                         return done
-                require_benchmarks(conn, bench_ids, root)
+                require_benchmarks(conn, prepared.bench_ids, root)
                 for info in infos:
                     os.replace(staging / info.name, layout.shards / info.name)
                     renamed.append(layout.shards / info.name)
@@ -297,7 +456,8 @@ def write_episodes(
                     )
                     rids.append(int(cursor.lastrowid or 0))  # always set after an INSERT
                 shard_rid = [rids[k] for k in shard_of]
-                headers = _insert(conn, items, docs, (shard_rid, starts, stops), created_by)
+                headers = _insert(conn, values, prepared.docs, (shard_rid, starts, stops),
+                                  created_by)  # fmt: skip
                 if batch_id is not None:
                     _insert_batch(conn, batch_id, headers)
         except BaseException:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from tupli_jax.episode import EpisodeData
+from tupli_jax.episode import EpisodeBatch, EpisodeData
 from tupli_jax.schema import (
     ArtifactMetadata,
     ArtifactMetadataItem,
@@ -87,6 +87,16 @@ class TupliStorage(ABC):
         With ``batch_id``, a batch already committed under that id is not written again: the
         call returns that batch's headers instead (what makes re-running a job chunk safe).
         """
+
+    def record_episode_batch(
+        self, batch: EpisodeBatch, *, batch_id: str | None = None
+    ) -> list[EpisodeHeader]:
+        """Stores the episodes of a packed ``EpisodeBatch`` (``record_episodes`` semantics).
+
+        The default converts the batch to ``EpisodeData`` views; ``FileStorage`` writes the
+        columns directly.
+        """
+        return self.record_episodes(batch.episodes(), batch_id=batch_id)
 
     @abstractmethod
     def has_batch(self, batch_id: str) -> bool:

@@ -37,15 +37,18 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pydantic
 
-from tupli_jax.episode import EpisodeData
+from tupli_jax.episode import EpisodeBatch, EpisodeData
 from tupli_jax.schema import (
     ArtifactMetadata,
     ArtifactMetadataItem,
@@ -61,7 +64,7 @@ from tupli_jax.schema import (
 from tupli_jax.storage import _blocks
 from tupli_jax.storage import catalog as cat
 from tupli_jax.storage._convert import as_episode_data, tuple_view
-from tupli_jax.storage._episodes import has_batch, write_episodes
+from tupli_jax.storage._episodes import has_batch, write_episode_batch, write_episodes
 from tupli_jax.storage._errors import guarded
 from tupli_jax.storage._files import Layout, no_gc, unlink
 from tupli_jax.storage._items import insert_artifact, insert_benchmark, read_artifact
@@ -74,6 +77,18 @@ __all__ = ["EpisodeLocations", "FileStorage"]
 
 
 _PUBLISHABLE = {"benchmark": "benchmarks", "artifact": "artifacts", "episode": "episodes"}
+
+
+def _reads_episodes(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs the read barriers (``FileStorage.add_read_barrier``) before ``method``."""
+
+    @functools.wraps(method)
+    def after_barriers(self: FileStorage, *args: Any, **kwargs: Any) -> Any:
+        if self._barriers:
+            self._run_read_barriers()
+        return method(self, *args, **kwargs)
+
+    return after_barriers
 
 
 class FileStorage(TupliStorage):
@@ -128,6 +143,8 @@ class FileStorage(TupliStorage):
         self._compression = compression
         self._created_by = created_by
         self._synchronous = synchronous
+        self._barriers: list[weakref.ref[Any]] = []
+        self._barrier_guard = threading.local()
         try:
             self._layout = Layout.create(self._root)
             self._catalog = cat.Catalog(
@@ -146,6 +163,63 @@ class FileStorage(TupliStorage):
     def root(self) -> Path:
         """The store directory (absolute)."""
         return self._root
+
+    def add_read_barrier(self, flush: Callable[[], object]) -> None:
+        """Registers ``flush`` to run before every read or change of stored episodes.
+
+        For writers that buffer episodes in memory (the Gymnasium adapters batch their
+        writes): ``list_episodes``, ``load_episode``, ``publish_episode``,
+        ``unpublish_episode``, ``delete_episode(s)``, ``delete_benchmark``, ``verify``,
+        ``catalog_version`` (so datasets notice) and the dataset fast path first call every
+        registered ``flush``, so that an episode is visible in this process as soon as the
+        writer has it. ``flush`` is held weakly (a bound method through ``weakref.WeakMethod``):
+        it never keeps the writer alive, and a dead writer's barrier is dropped (so an inline
+        ``lambda`` or ``functools.partial`` that nothing else holds is dropped at once). A ``flush``
+        that reads this store does not run the barriers again (no recursion).
+
+        Args:
+            flush: A callable taking no arguments; typically a bound ``flush`` method.
+
+        Example:
+            >>> import tempfile
+            >>> class Pending:
+            ...     calls = 0
+            ...     def flush(self): self.calls += 1
+            >>> store, writer = FileStorage(tempfile.mkdtemp()), Pending()
+            >>> store.add_read_barrier(writer.flush)
+            >>> _ = store.list_episodes()
+            >>> writer.calls
+            1
+        """
+        if not callable(flush):
+            raise TupliStorageError(f"add_read_barrier expects a callable, received {flush!r:.80}")
+        try:
+            ref: weakref.ref[Any] = (
+                weakref.WeakMethod(flush) if hasattr(flush, "__self__") else weakref.ref(flush)
+            )
+        except TypeError:
+            raise TupliStorageError(
+                f"add_read_barrier holds its callable weakly and cannot hold {flush!r:.80}; pass "
+                "a Python function or a bound method of a Python object (kept alive by you)"
+            ) from None
+        self._barriers.append(ref)
+
+    def _run_read_barriers(self) -> None:
+        guard = self._barrier_guard
+        if getattr(guard, "active", False):
+            return
+        guard.active = True
+        try:
+            alive: list[weakref.ref[Any]] = []
+            for ref in list(self._barriers):
+                fn = ref()
+                if fn is not None:
+                    alive.append(ref)
+                    fn()
+            if len(alive) != len(self._barriers):
+                self._barriers = [r for r in self._barriers if r() is not None]
+        finally:
+            guard.active = False
 
     def __repr__(self) -> str:
         return f"FileStorage('{self._root}')"
@@ -270,6 +344,7 @@ class FileStorage(TupliStorage):
         self._set_published("benchmark", uri, unpublish_from, add=False)
 
     @guarded("delete the benchmark")
+    @_reads_episodes
     def delete_benchmark(self, uri: str) -> None:
         """Deletes a benchmark; its episodes stay (delete them with ``delete_episode``)."""
         cat.check_id(uri, "benchmark", self._root)
@@ -387,6 +462,47 @@ class FileStorage(TupliStorage):
             batch_id=batch_id,
         )
 
+    @guarded("record the episode batch")
+    def record_episode_batch(
+        self, batch: EpisodeBatch, *, batch_id: str | None = None
+    ) -> list[EpisodeHeader]:
+        """Stores ``E`` episodes given as packed columns (``EpisodeBatch``), all or nothing.
+
+        The fast path of the recorder's flush: one shard written straight from the columns
+        (no per-episode arrays or Python objects besides the catalog rows and headers). Same
+        durability, atomicity and ``batch_id`` semantics as ``record_episodes``; the stored
+        episodes are identical to recording ``batch.episodes()`` (``episode_return`` is summed
+        in one vectorised pass, so its last bits may differ for long episodes).
+
+        Args:
+            batch: The episodes; ``batch.benchmark_id`` must exist in this store.
+            batch_id: As in ``record_episodes``.
+
+        Returns:
+            One ``EpisodeHeader`` per episode, in batch order.
+
+        Raises:
+            TupliStorageError: Columns whose lengths disagree with ``n_tuples``, bad per-episode
+                fields, metadata that is not JSON-serialisable, an unknown benchmark, a bad or
+                conflicting batch id, or an I/O failure; nothing is stored.
+
+        Example:
+            >>> # batch = EpisodeBatch(observations=obs, actions=a, rewards=r, discounts=d,
+            >>> #                      n_tuples=lengths, terminated=t, truncated=~t,
+            >>> #                      benchmark_id=bid)
+            >>> # headers = store.record_episode_batch(batch, batch_id="job:chunk:3")
+        """
+        if batch_id is not None:
+            cat.check_batch_id(batch_id, self._root)
+        return write_episode_batch(
+            self._layout,
+            self._catalog,
+            batch,
+            compression=self._compression,
+            created_by=self._created_by,
+            batch_id=batch_id,
+        )
+
     @guarded("look up the batch")
     def has_batch(self, batch_id: str) -> bool:
         """Whether a batch recorded with ``record_episodes(..., batch_id=batch_id)`` is committed.
@@ -397,6 +513,7 @@ class FileStorage(TupliStorage):
         return has_batch(self._catalog, cat.check_batch_id(batch_id, self._root))
 
     @guarded("load the episode")
+    @_reads_episodes
     def load_episode(self, episode_id: str) -> EpisodeData:
         """Loads one episode in columnar form (checksum verified).
 
@@ -426,16 +543,19 @@ class FileStorage(TupliStorage):
         return episode
 
     @guarded("publish the episode")
+    @_reads_episodes
     def publish_episode(self, uri: str, publish_in: str = "global") -> None:
         """Adds ``publish_in`` to the episode's ``published_in`` groups."""
         self._set_published("episode", uri, publish_in, add=True)
 
     @guarded("unpublish the episode")
+    @_reads_episodes
     def unpublish_episode(self, uri: str, unpublish_from: str) -> None:
         """Removes ``unpublish_from`` from the episode's groups (no-op if absent)."""
         self._set_published("episode", uri, unpublish_from, add=False)
 
     @guarded("list episodes")
+    @_reads_episodes
     def list_episodes(
         self, filter: BaseFilter | None = None, include_tuples: bool = False
     ) -> list[EpisodeHeader] | list[EpisodeItem]:
@@ -470,11 +590,13 @@ class FileStorage(TupliStorage):
         return items
 
     @guarded("delete the episode")
+    @_reads_episodes
     def delete_episode(self, uri: str) -> None:
         """Deletes an episode; a shard left without episodes is removed from disk."""
         self.delete_episodes([uri])
 
     @guarded("delete episodes")
+    @_reads_episodes
     def delete_episodes(self, uris: Sequence[str]) -> None:
         """Deletes several episodes in one transaction (all or nothing: unknown ids raise)."""
         if isinstance(uris, str) or not isinstance(uris, Sequence):
@@ -511,6 +633,7 @@ class FileStorage(TupliStorage):
     # -- columnar access and integrity ----------------------------------------------------------
 
     @guarded("read the catalog version")
+    @_reads_episodes
     def catalog_version(self) -> int:
         """A number that changes whenever anything is committed to this store's catalog.
 
@@ -533,6 +656,7 @@ class FileStorage(TupliStorage):
         return self._catalog.version()
 
     @guarded("locate episodes")
+    @_reads_episodes
     def _episode_locations(self, filter: BaseFilter | None = None) -> EpisodeLocations:
         """Where the episodes passing ``filter`` live, as numpy arrays (no headers built).
 
@@ -545,6 +669,7 @@ class FileStorage(TupliStorage):
         return episode_locations(self._layout, self._catalog, filter)
 
     @guarded("verify the store")
+    @_reads_episodes
     def verify(self) -> list[str]:
         """Checks the store and lists its problems (``[]`` when sound).
 

@@ -811,6 +811,7 @@ def write_shard_columns(
     extras: dict[str, Any] | None = None,
     infos: Sequence[Sequence[dict[str, Any]] | None] | None = None,
     compression: str | None = "lz4",
+    fsync_directory: bool = True,
 ) -> ShardInfo:
     """Writes ``E`` episodes given as packed columns (episodes back to back) to a new shard.
 
@@ -833,6 +834,7 @@ def write_shard_columns(
         extras: Dict of pytrees ``[sum(n_tuples), ...]`` (``None``: no extras).
         infos: ``None``, or ``E`` entries, each ``None`` or a list of ``T_e`` info dicts.
         compression: ``"lz4"`` (default), ``"zstd"`` or ``None``.
+        fsync_directory: As in ``write_shard``.
 
     Returns:
         A ``ShardInfo``; ``ranges[e]`` are episode ``e``'s rows, for the catalog.
@@ -861,7 +863,7 @@ def write_shard_columns(
         has_reset_observation,
         infos,
     )
-    return _write_batch(directory, batch, compression)
+    return _write_batch(directory, batch, compression, fsync_directory)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,26 +46,32 @@ def _arm(kill_in: str, kill_at: int) -> None:
             original_save(self, directory, args)
 
         checkpoint._BlobHandler.save = save  # type: ignore[method-assign]
-    elif kill_in == "shard":
-        original_write = _episodes.write_shards
+    elif kill_in == "shard":  # both shard writers of the episode write path
+        for name in ("write_shards", "write_shard_columns"):
+            setattr(_episodes, name, _dying_after(getattr(_episodes, name), due))
+    elif kill_in == "commit":  # both episode write methods of FileStorage
 
-        def write_shards(*args: Any, **kwargs: Any) -> Any:
-            result = original_write(*args, **kwargs)
-            if due():
-                _die()
-            return result
+        def dying(original: Any) -> Any:
+            def record(self: Any, episodes: Any, **kwargs: Any) -> Any:
+                headers = original(self, episodes, **kwargs)
+                if len(episodes) and due():
+                    _die()
+                return headers
 
-        _episodes.write_shards = write_shards  # type: ignore[assignment]
-    elif kill_in == "commit":
-        original_record = FileStorage.record_episodes
+            return record
 
-        def record_episodes(self: Any, episodes: Any, **kwargs: Any) -> Any:
-            headers = original_record(self, episodes, **kwargs)
-            if episodes and due():
-                _die()
-            return headers
+        FileStorage.record_episodes = dying(FileStorage.record_episodes)  # type: ignore[method-assign]
+        FileStorage.record_episode_batch = dying(FileStorage.record_episode_batch)  # type: ignore[method-assign]
 
-        FileStorage.record_episodes = record_episodes  # type: ignore[method-assign]
+
+def _dying_after(original: Any, due: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if due():
+            _die()
+        return result
+
+    return call
 
 
 def main() -> None:

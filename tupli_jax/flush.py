@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tupli_jax.episode import EpisodeData
+from tupli_jax.episode import EpisodeBatch, EpisodeData
 
 if TYPE_CHECKING:
     from tupli_jax.buffer import BufferSpec
@@ -34,11 +34,13 @@ if TYPE_CHECKING:
     from tupli_jax.storage.base import TupliStorage
 
 __all__ = [
+    "CutColumns",
     "CutEpisode",
     "Flusher",
     "HostChunk",
     "OpenEpisode",
     "PendingFlush",
+    "cut_columns",
     "cut_episodes",
 ]
 
@@ -228,13 +230,92 @@ def _spans(
     return spans, new_carry
 
 
-def cut_episodes(
-    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[list[CutEpisode], list[OpenEpisode | None]]:
-    """Cuts complete episodes out of one flush's rows. Pure numpy (no I/O, no JAX).
+@dataclasses.dataclass
+class CutColumns:
+    """The complete episodes of one flush as packed columns, episodes back to back.
 
-    Episodes that start in this chunk get their observations from one gather per leaf (the
-    common case costs a few numpy calls in all, not per episode); data leaves are views.
+    Attributes:
+        observations: Observation leaves ``[sum(T_e + 1), ...]`` (reset observation first).
+        data: Data leaves ``[sum(T_e), ...]``.
+        n_tuples: ``[E]`` int64 transitions per episode.
+        terminated: ``[E]`` bool, ended with discount 0.
+        env_index: ``[E]`` int64 environment of each episode.
+        start_number: ``[E]`` int64 step number of each episode's first step.
+    """
+
+    observations: list[np.ndarray]
+    data: list[np.ndarray]
+    n_tuples: np.ndarray
+    terminated: np.ndarray
+    env_index: np.ndarray
+    start_number: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.n_tuples.shape[0])
+
+
+def _segments(
+    prefix_len: np.ndarray,
+    prefix_src: np.ndarray,
+    prefix_start: np.ndarray,
+    step_len: np.ndarray,
+    step_env: np.ndarray,
+    step_start: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row sources of a packed column: per episode ``prefix_len`` rows from source
+    ``prefix_src`` (1 = reset rows, 2 = the carried pool) starting at ``prefix_start``, then
+    ``step_len`` step rows of env ``step_env`` from row ``step_start``.
+
+    Returns ``(source [N], env [N], row [N])``: source 0 = step rows of ``env``, 1 = reset rows
+    of ``env``, 2 = pool rows; ``row`` indexes that source.
+    """  # fmt: skip
+    per = prefix_len + step_len
+    total = int(per.sum())
+    first = np.cumsum(per) - per  # first output row of each episode
+    position = np.arange(total) - np.repeat(first, per)  # row within its episode
+    in_prefix = position < np.repeat(prefix_len, per)
+    source = np.where(in_prefix, np.repeat(prefix_src, per), 0)
+    env = np.repeat(step_env, per)
+    row = np.where(
+        in_prefix,
+        np.repeat(prefix_start, per) + position,
+        np.repeat(step_start - prefix_len, per) + position,
+    )
+    return source, env, row
+
+
+def _gather(
+    out_rows: int,
+    sources: tuple[np.ndarray, np.ndarray, np.ndarray],
+    step_leaf: np.ndarray,
+    reset_leaf: np.ndarray | None,
+    pool_leaf: np.ndarray | None,
+) -> np.ndarray:
+    """One packed column from its three possible sources (see ``_segments``)."""
+    source, env, row = sources
+    out = np.empty((out_rows, *step_leaf.shape[2:]), step_leaf.dtype)
+    if not (source != 0).any():
+        out[...] = step_leaf[env, row]
+        return out
+    steps = source == 0
+    out[steps] = step_leaf[env[steps], row[steps]]
+    if reset_leaf is not None:
+        resets = source == 1
+        out[resets] = reset_leaf[env[resets], row[resets]]
+    if pool_leaf is not None:
+        pooled = source == 2
+        out[pooled] = pool_leaf[row[pooled]]
+    return out
+
+
+def cut_columns(
+    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
+) -> tuple[CutColumns, list[OpenEpisode | None]]:
+    """Cuts complete episodes out of one flush's rows into packed columns. Pure numpy.
+
+    One gather per leaf for all episodes: episodes that started in this chunk take their reset
+    observation from the reset rows, episodes continuing a carried one take their first rows
+    from a pool of the carried pieces; no per-episode array is made.
 
     Args:
         chunk: The rows of ``B`` environments.
@@ -243,8 +324,80 @@ def cut_episodes(
 
     Returns:
         The complete, fully recorded episodes in environment then time order, and the new
-        carry (length ``B``). Arrays of the new carry never alias ``chunk``; the episodes' data
-        arrays may.
+        carry (length ``B``). No returned array aliases ``chunk``.
+
+    Example:
+        >>> chunk = HostChunk(
+        ...     step_number=np.array([[0, 1]], np.uint32), last=np.array([[False, True]]),
+        ...     discount=np.array([[1.0, 0.0]]), num_steps=np.array([2]),
+        ...     step_observations=[np.array([[1.0, 2.0]])], step_data=[np.array([[5, 6]])],
+        ...     reset_number=np.array([[0, 2]], np.uint32), num_resets=np.array([2]),
+        ...     reset_observations=[np.array([[0.0, 9.0]])], end_number=np.array([2], np.uint32),
+        ...     fresh=np.array([True]))
+        >>> cut, new_carry = cut_columns(chunk, [None])
+        >>> cut.observations[0].tolist(), cut.n_tuples.tolist(), cut.terminated.tolist()
+        ([0.0, 1.0, 2.0], [2], [True])
+    """
+    spans, new_carry = _spans(chunk, carry)
+    n = len(spans)
+    env = np.fromiter((sp.env for sp in spans), np.int64, count=n)
+    start = np.fromiter((sp.start for sp in spans), np.int64, count=n)
+    stop = np.fromiter((sp.stop for sp in spans), np.int64, count=n)
+    reset_row = np.fromiter((sp.reset_row for sp in spans), np.int64, count=n)
+    numbers = np.fromiter((sp.start_number for sp in spans), np.int64, count=n)
+    carried = [sp.base for sp in spans if sp.base is not None]
+    is_carried = reset_row < 0
+    # The carried pieces, concatenated once per leaf (at most one carried episode per env).
+    carried_obs = np.zeros(n, np.int64)
+    carried_data = np.zeros(n, np.int64)
+    obs_pool: list[np.ndarray | None] = [None] * len(chunk.step_observations)
+    data_pool: list[np.ndarray | None] = [None] * len(chunk.step_data)
+    if carried:
+        carried_obs[is_carried] = [sum(len(p) for p in ep.observations[0]) for ep in carried]
+        carried_data[is_carried] = [ep.length for ep in carried]
+        obs_pool = [
+            np.concatenate([p for ep in carried for p in ep.observations[j]], axis=0)
+            for j in range(len(obs_pool))
+        ]
+        data_pool = [
+            np.concatenate([p for ep in carried for p in ep.data[j]], axis=0)
+            if any(ep.data[j] for ep in carried) else None
+            for j in range(len(data_pool))
+        ]  # fmt: skip
+    step_len = stop - start
+    obs_prefix = np.where(is_carried, carried_obs, 1)
+    obs_source = np.where(is_carried, 2, 1)
+    obs_start = np.where(is_carried, np.cumsum(carried_obs) - carried_obs, reset_row)
+    obs_rows = _segments(obs_prefix, obs_source, obs_start, step_len, env, start)
+    observations = [
+        _gather(int((obs_prefix + step_len).sum()), obs_rows, s_leaf, r_leaf, pool)
+        for s_leaf, r_leaf, pool in zip(
+            chunk.step_observations, chunk.reset_observations, obs_pool, strict=True
+        )
+    ]
+    data_start = np.cumsum(carried_data) - carried_data
+    data_rows = _segments(carried_data, np.full(n, 2), data_start, step_len, env, start)
+    n_tuples = carried_data + step_len
+    data = [
+        _gather(int(n_tuples.sum()), data_rows, leaf, None, pool)
+        for leaf, pool in zip(chunk.step_data, data_pool, strict=True)
+    ]
+    last_rows = chunk.discount[env, stop - 1]
+    terminated = np.all((last_rows == 0).reshape(n, -1), axis=1) if n else np.zeros(0, bool)
+    return CutColumns(observations, data, n_tuples, terminated, env, numbers), new_carry
+
+
+def cut_episodes(
+    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
+) -> tuple[list[CutEpisode], list[OpenEpisode | None]]:
+    """:func:`cut_columns`, split into one :class:`CutEpisode` per episode (views).
+
+    Args:
+        chunk: The rows of ``B`` environments.
+        carry: As in :func:`cut_columns`.
+
+    Returns:
+        The complete episodes in environment then time order, and the new carry.
 
     Example:
         >>> chunk = HostChunk(
@@ -258,50 +411,21 @@ def cut_episodes(
         >>> episodes[0].observations[0].tolist(), episodes[0].terminated, new_carry[0].length
         ([0.0, 1.0, 2.0], True, 0)
     """
-    spans, new_carry = _spans(chunk, carry)
-    fresh = [sp for sp in spans if sp.reset_row >= 0]
-    gathered: list[np.ndarray] = []
-    offsets = np.zeros(1, np.int64)
-    if fresh:
-        env = np.array([sp.env for sp in fresh], np.int64)
-        start = np.array([sp.start for sp in fresh], np.int64)
-        length = np.array([sp.stop - sp.start for sp in fresh], np.int64)
-        offsets = np.concatenate([[0], np.cumsum(length + 1)])
-        is_reset = np.zeros(int(offsets[-1]), np.bool_)
-        is_reset[offsets[:-1]] = True
-        step_env = np.repeat(env, length)
-        # Rows start_i, ..., start_i + length_i - 1 of each episode, concatenated.
-        before = np.cumsum(length) - length
-        step_row = np.repeat(start - before, length) + np.arange(int(length.sum()))
-        reset_row = np.array([sp.reset_row for sp in fresh], np.int64)
-        for step_leaf, reset_leaf in zip(
-            chunk.step_observations, chunk.reset_observations, strict=True
-        ):
-            out = np.empty((int(offsets[-1]), *step_leaf.shape[2:]), step_leaf.dtype)
-            out[offsets[:-1]] = reset_leaf[env, reset_row]
-            out[~is_reset] = step_leaf[step_env, step_row]
-            gathered.append(out)
-    last_rows = chunk.discount[[sp.env for sp in spans], [sp.stop - 1 for sp in spans]]
-    zero = (last_rows == 0).reshape(len(spans), int(np.prod(last_rows.shape[1:], dtype=np.int64)))
-    terminated_all = np.all(zero, axis=1).tolist()
-    episodes: list[CutEpisode] = []
-    i = 0
-    for sp, terminated in zip(spans, terminated_all, strict=True):
-        b, s, e = sp.env, sp.start, sp.stop
-        data = [leaf[b, s:e] for leaf in chunk.step_data]
-        if sp.reset_row >= 0:
-            observations = [out[offsets[i] : offsets[i + 1]] for out in gathered]
-            i += 1
-        else:
-            assert sp.base is not None
-            observations = [
-                _concat([*p, leaf[b, s:e]])
-                for p, leaf in zip(sp.base.observations, chunk.step_observations, strict=True)
-            ]
-            data = [_concat([*p, x]) for p, x in zip(sp.base.data, data, strict=True)]
-        episodes.append(
-            CutEpisode(b, sp.start_number, observations, data, terminated, not terminated)
+    cut, new_carry = cut_columns(chunk, carry)
+    lengths = cut.n_tuples
+    step_at = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    obs_at = np.concatenate([[0], np.cumsum(lengths + 1)]).tolist()
+    episodes = [
+        CutEpisode(
+            env_index=int(cut.env_index[i]),
+            start_number=int(cut.start_number[i]),
+            observations=[x[obs_at[i] : obs_at[i + 1]] for x in cut.observations],
+            data=[x[step_at[i] : step_at[i + 1]] for x in cut.data],
+            terminated=bool(cut.terminated[i]),
+            truncated=not bool(cut.terminated[i]),
         )
+        for i in range(len(cut))
+    ]
     return episodes, new_carry
 
 
@@ -491,7 +615,7 @@ class Flusher:
 
     def _cut(
         self, pending: PendingFlush, benchmark_id: str, metadata_fn: Any
-    ) -> tuple[list[EpisodeData], Callable[[], None]]:
+    ) -> tuple[EpisodeBatch, Callable[[], None]]:
         chunk, tokens = self._host_chunk(pending)
         carry: list[OpenEpisode | None] = []
         for b, token in enumerate(tokens.tolist()):
@@ -507,8 +631,8 @@ class Flusher:
                     "rec.flush / rec.fetch, and call rec.write in fetch order."
                 )
             carry.append(carried[b])
-        cut, new_carry = cut_episodes(chunk, carry)
-        episodes = [self._episode(c, benchmark_id, metadata_fn) for c in cut]
+        cut, new_carry = cut_columns(chunk, carry)
+        batch = self._batch(cut, benchmark_id, metadata_fn)
         consumed = {t for t in tokens.tolist() if t != 0}
 
         def commit() -> None:
@@ -517,36 +641,40 @@ class Flusher:
                     self._carries.pop(t, None)
                 self._carries[pending.new_token] = new_carry
 
-        return episodes, commit
+        return batch, commit
 
-    def _episode(self, cut: CutEpisode, benchmark_id: str, metadata_fn: Any) -> EpisodeData:
+    def _batch(self, cut: CutColumns, benchmark_id: str, metadata_fn: Any) -> EpisodeBatch:
         data = self.data_treedef.unflatten(cut.data)
-        episode = EpisodeData(
+        batch = EpisodeBatch(
             observations=self.observation_treedef.unflatten(cut.observations),
             actions=data["action"],
             rewards=data["reward"],
             discounts=data["discount"],
+            n_tuples=cut.n_tuples,
             terminated=cut.terminated,
-            truncated=cut.truncated,
+            truncated=~cut.terminated,
             benchmark_id=benchmark_id,
             extras=dict(data["extras"]),
         )
         if metadata_fn is not None:
-            metadata = metadata_fn(episode)
-            if not isinstance(metadata, dict):
-                raise TypeError(
-                    f"metadata_fn must return a dict, received {type(metadata).__name__}."
-                )
-            episode.metadata = dict(metadata)
-        return episode
+            metadata = []
+            for episode in batch.episodes():
+                entry = metadata_fn(episode)
+                if not isinstance(entry, dict):
+                    raise TypeError(
+                        f"metadata_fn must return a dict, received {type(entry).__name__}."
+                    )
+                metadata.append(dict(entry))
+            batch.metadata = metadata
+        return batch
 
     def collect(
         self, pending: PendingFlush, benchmark_id: str = "", metadata_fn: Any = None
     ) -> list[EpisodeData]:
         """Cuts the fetched rows and returns the complete episodes (commits the carry)."""
-        episodes, commit = self._cut(pending, benchmark_id, metadata_fn)
+        batch, commit = self._cut(pending, benchmark_id, metadata_fn)
         commit()
-        return episodes
+        return batch.episodes()
 
     def write(
         self,
@@ -556,16 +684,20 @@ class Flusher:
         metadata_fn: Any = None,
         batch_id: str | None = None,
     ) -> list[EpisodeHeader]:
-        """Cuts, stores with one ``record_episodes`` call, then commits the carry.
+        """Cuts, stores with one ``record_episode_batch`` call, then commits the carry.
 
         If storing raises, nothing is committed: the same ``pending`` can be written again.
         """
-        episodes, commit = self._cut(pending, benchmark_id, metadata_fn)
-        if batch_id is not None:
+        batch, commit = self._cut(pending, benchmark_id, metadata_fn)
+        record_batch = getattr(storage, "record_episode_batch", None)
+        if batch_id is None and len(batch) == 0:
+            headers: list[EpisodeHeader] = []
+        elif callable(record_batch):
+            headers = record_batch(batch, batch_id=batch_id)
+        else:  # a storage with record_episodes only
             record: Any = storage.record_episodes
-            headers = record(episodes, batch_id=batch_id)
-        else:
-            headers = storage.record_episodes(episodes) if episodes else []
+            episodes = batch.episodes()
+            headers = record(episodes) if batch_id is None else record(episodes, batch_id=batch_id)
         commit()
         return list(headers)
 

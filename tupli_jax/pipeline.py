@@ -67,7 +67,7 @@ class RecordResult:
         num_steps_taken: Environment steps taken, ``num_envs * num_steps``.
         num_unfinished_steps: Steps of episodes still running at the end (not stored).
         resumed_from_chunk: The chunk a resumed job restarted after, else ``None``.
-        compile_seconds: Time spent compiling the rollout.
+        compile_seconds: Time spent compiling the reset and the rollout chunks.
         seconds: Wall time of the job.
     """
 
@@ -329,7 +329,10 @@ def record(
     )
 
     key, reset_key = jax.random.split(jax.random.PRNGKey(seed))
-    recorder_state, timestep = jax.vmap(rec.reset)(jax.random.split(reset_key, num_envs))
+    t0 = time.perf_counter()
+    reset = jax.jit(jax.vmap(rec.reset)).lower(jax.random.split(reset_key, num_envs)).compile()
+    compile_seconds = time.perf_counter() - t0
+    recorder_state, timestep = reset(jax.random.split(reset_key, num_envs))
     carry = _Carry(
         recorder=recorder_state,
         key=key,
@@ -368,7 +371,6 @@ def record(
             checkpointer.save(0, (carry, observation), _host_state(rec, run_id, 0, chunks, None))
 
     compiled: dict[int, Any] = {}
-    compile_seconds = 0.0
     out = _Writer(rec, run_id, *counts)
     bar = _Progress(progress, num_envs * num_steps, storage)
     logged: tuple[Any, int] | None = None
@@ -383,7 +385,9 @@ def record(
                 compiled[length] = fn.lower(carry, observation).compile()
                 compile_seconds += time.perf_counter() - t0
             carry, (observation, outs) = compiled[length](carry, observation)
-            recorder_state, pending = rec.fetch(carry.recorder, num_steps=length)
+            # Row counts read from the device (waits for this chunk, which the next one needs
+            # anyway): only the reset rows actually written are copied, not all C + 1.
+            recorder_state, pending = rec.fetch(carry.recorder)
             carry = dataclasses.replace(carry, recorder=recorder_state)
             out.put(index + 1, pending)
             if logged is not None:  # the previous chunk's outputs: reading them does not stall

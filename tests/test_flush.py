@@ -95,6 +95,9 @@ def _chunks(
     return chunks, {b: streams[b][2] for b in range(num_envs)}, unfinished
 
 
+_WIDE = 512
+
+
 def _host_chunk(rows: list[_Rows], end_number: int, fresh: bool) -> HostChunk:
     num_envs = len(rows)
     s = max([len(r.steps) for r in rows] + [0]) + 1  # one spare row of garbage past the end
@@ -103,6 +106,9 @@ def _host_chunk(rows: list[_Rows], end_number: int, fresh: bool) -> HostChunk:
     last = np.ones((num_envs, s), np.bool_)
     discount = np.full((num_envs, s), 0.5, np.float32)
     step_obs = np.full((num_envs, s, 2), -1.0, np.float32)
+    # A wide leaf (2 KB rows): the cut copies runs of such rows one by one, small ones by gather.
+    step_wide = np.full((num_envs, s, _WIDE), -1, np.int32)
+    reset_wide = np.full((num_envs, max(k, 1), _WIDE), -1, np.int32)
     step_data = np.full((num_envs, s), -1, np.int32)
     reset_number = np.full((num_envs, k), 888, np.uint32)
     reset_obs = np.full((num_envs, k, 2), -1.0, np.float32)
@@ -110,18 +116,20 @@ def _host_chunk(rows: list[_Rows], end_number: int, fresh: bool) -> HostChunk:
         for j, (n, is_last, disc, obs, data) in enumerate(r.steps):
             step_number[b, j], last[b, j], discount[b, j] = n, is_last, disc
             step_obs[b, j], step_data[b, j] = obs, data
+            step_wide[b, j] = obs[1]
         for j, (n, obs) in enumerate(r.resets):
             reset_number[b, j], reset_obs[b, j] = n, obs
+            reset_wide[b, j] = obs[1]
     return HostChunk(
         step_number=step_number,
         last=last,
         discount=discount,
         num_steps=np.array([len(r.steps) for r in rows]),
-        step_observations=[step_obs],
+        step_observations=[step_obs, step_wide],
         step_data=[step_data, discount],
         reset_number=reset_number,
         num_resets=np.array([len(r.resets) for r in rows]),
-        reset_observations=[reset_obs],
+        reset_observations=[reset_obs, reset_wide],
         end_number=np.full(num_envs, end_number, np.uint32),
         fresh=np.full(num_envs, fresh),
     )
@@ -177,6 +185,9 @@ def test_cut_matches_the_model_exactly_once(data: st.DataObject, num_envs: int, 
             assert obs.shape == (length + 1, 2)
             np.testing.assert_array_equal(obs[:, 0], b)
             np.testing.assert_array_equal(obs[:, 1], e * 1000 + np.arange(length + 1))
+            wide = ep.observations[1]
+            assert wide.shape == (length + 1, _WIDE)
+            np.testing.assert_array_equal(wide, np.broadcast_to(obs[:, 1:2], wide.shape))
             np.testing.assert_array_equal(ep.data[0], e * 1000 + np.arange(length))
             assert ep.terminated == (ep.data[1][-1] == 0) and ep.truncated != ep.terminated
             assert ep.terminated == (not truncated[e % len(truncated)])

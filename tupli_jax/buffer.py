@@ -274,11 +274,16 @@ class BufferSpec:
         capacity: ``C``, steps per environment between flushes.
         step_codec: Codec of a step row ``{"number", **transition}``.
         reset_codec: Codec of a reset row ``{"number", "obs"}``.
+        step_storage: Whether the buffer stores step rows. ``False`` for a caller that keeps
+            them itself via :meth:`record_step_row` (``tj.record`` emits them as ``lax.scan``
+            outputs: a time-major ``[T, B, ...]`` array written at the scan's shared index,
+            cheaper than a per-environment scatter); the buffer then has 0 step rows.
     """
 
     capacity: int
     step_codec: RowCodec
     reset_codec: RowCodec
+    step_storage: bool = True
 
     @classmethod
     def create(cls, capacity: int, transition: Any, observation: Any) -> BufferSpec:
@@ -305,8 +310,8 @@ class BufferSpec:
 
     @property
     def num_step_rows(self) -> int:
-        """Rows of step storage: ``C``."""
-        return self.capacity
+        """Rows of step storage: ``C`` (0 without ``step_storage``)."""
+        return self.capacity if self.step_storage else 0
 
     @property
     def num_reset_rows(self) -> int:
@@ -362,11 +367,41 @@ class BufferSpec:
         Returns:
             The buffer with both rows written and the counters advanced.
         """
+        if not self.step_storage:
+            raise ValueError(
+                "this buffer keeps no step rows (step_storage=False): use record_step_row and "
+                "store the returned rows yourself."
+            )
+        row = self._step_row(buf, transition)
+        step_words, step_big = _write(buf.step_words, buf.step_big, buf.num_steps, row)
+        buf = buf.replace(step_words=step_words, step_big=step_big)
+        return self._advance(buf, reset_observation, last)
+
+    def record_step_row(
+        self, buf: BufferState, transition: Any, reset_observation: Any, last: jax.Array
+    ) -> tuple[BufferState, tuple[jax.Array, tuple[jax.Array, ...]]]:
+        """``record_step`` that returns the encoded step row instead of storing it. Pure.
+
+        For a caller that stores step rows itself, e.g. as ``lax.scan`` outputs (time-major);
+        row ``j`` since the last flush must then be handed to the flush as step row ``j``.
+        The reset row and the counters are handled exactly as in ``record_step``.
+
+        Returns:
+            The buffer (reset row written, counters advanced) and the step row as
+            ``(words [Ws] uint32, large leaves [n_i])``.
+        """
+        row = self._step_row(buf, transition)
+        return self._advance(buf, reset_observation, last), row
+
+    def _step_row(
+        self, buf: BufferState, transition: Any
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         step_row = {"number": buf.step_number, **transition}
         self.step_codec.check(step_row, "recorded step")
-        step_words, step_big = _write(
-            buf.step_words, buf.step_big, buf.num_steps, self.step_codec.encode(step_row)
-        )
+        return self.step_codec.encode(step_row)
+
+    def _advance(self, buf: BufferState, reset_observation: Any, last: jax.Array) -> BufferState:
+        """Writes the reset row if ``last`` and advances the counters past one step."""
         next_number = buf.step_number + jnp.uint32(1)
         reset_row = {"number": next_number, "obs": reset_observation}
         self.reset_codec.check(reset_row, "reset row")
@@ -376,11 +411,9 @@ class BufferSpec:
             buf.reset_words, buf.reset_big, reset_index, self.reset_codec.encode(reset_row)
         )
         return buf.replace(
-            step_words=step_words,
-            step_big=step_big,
             reset_words=reset_words,
             reset_big=reset_big,
-            num_steps=jnp.minimum(buf.num_steps + 1, self.num_step_rows + 1),
+            num_steps=jnp.minimum(buf.num_steps + 1, self.capacity + 1),
             num_resets=jnp.minimum(
                 buf.num_resets + last.astype(jnp.int32), self.num_reset_rows + 1
             ),

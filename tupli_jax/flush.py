@@ -92,6 +92,30 @@ class CutEpisode:
 
 
 @dataclasses.dataclass
+class CutColumns:
+    """The complete episodes of one flush as packed columns, episodes back to back.
+
+    Attributes:
+        observations: Observation leaves ``[sum(T_e + 1), ...]`` (reset observation first).
+        data: Data leaves ``[sum(T_e), ...]``.
+        n_tuples: ``[E]`` int64 transitions per episode.
+        terminated: ``[E]`` bool, ended with discount 0.
+        env_index: ``[E]`` int64 environment of each episode.
+        start_number: ``[E]`` int64 step number of each episode's first step.
+    """
+
+    observations: list[np.ndarray]
+    data: list[np.ndarray]
+    n_tuples: np.ndarray
+    terminated: np.ndarray
+    env_index: np.ndarray
+    start_number: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.n_tuples.shape[0])
+
+
+@dataclasses.dataclass
 class HostChunk:
     """Rows of one flush of ``B`` environments, on the host.
 
@@ -126,43 +150,26 @@ def _concat(pieces: list[np.ndarray]) -> np.ndarray:
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
 
 
-def _from_reset(chunk: HostChunk, b: int, row: int | None, number: int) -> OpenEpisode | None:
-    """A new episode of env ``b`` starting at reset row ``row`` (``None``: not recorded)."""
-    if row is None:
-        return None
-    observations = [[leaf[b, row : row + 1]] for leaf in chunk.reset_observations]
-    return OpenEpisode(number, number, observations, [[] for _ in chunk.step_data])
-
-
 @dataclasses.dataclass
 class _Span:
-    """A complete episode found by the index pass; its arrays are filled in afterwards."""
+    """An episode (complete, or the unfinished tail of an env) found by the index pass; its
+    arrays are gathered afterwards."""
 
     env: int
     start: int  # first step row
-    stop: int  # one past its LAST row
+    stop: int  # one past its last row in this chunk
     reset_row: int  # its reset row in this chunk, or -1 when it continues a carried episode
     base: OpenEpisode | None  # the carried part, when reset_row == -1
     start_number: int
-
-
-def _own(episode: OpenEpisode) -> OpenEpisode:
-    """Copies the pieces that are views (into a chunk), so the chunk can be freed."""
-
-    def own(pieces: list[np.ndarray]) -> list[np.ndarray]:
-        return [x if x.base is None else np.array(x) for x in pieces]
-
-    return dataclasses.replace(
-        episode,
-        observations=[own(p) for p in episode.observations],
-        data=[own(p) for p in episode.data],
-    )
+    next_number: int = 0  # tails only: the number its next step must have
 
 
 def _spans(
     chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[list[_Span], list[OpenEpisode | None]]:
-    """Index pass: finds the complete episodes and the new carry (integer work only)."""
+) -> tuple[list[_Span], list[_Span | OpenEpisode | None]]:
+    """Index pass (integer work only): the complete episodes, and per env what to carry: a
+    tail span to gather, a carried episode passed on unchanged (no steps this flush), or None.
+    """
     num_envs, num_rows = chunk.step_number.shape
     steps = np.asarray(chunk.num_steps, np.int64)
     resets = np.asarray(chunk.num_resets, np.int64)
@@ -178,7 +185,7 @@ def _spans(
     gap_count = np.cumsum(gaps, axis=1)
     last = chunk.last & (np.arange(num_rows)[None, :] < steps[:, None])
     spans: list[_Span] = []
-    new_carry: list[OpenEpisode | None] = []
+    tails: list[_Span | OpenEpisode | None] = []
     all_lasts = np.nonzero(last)
     lasts_per_env = np.split(all_lasts[1], np.searchsorted(all_lasts[0], np.arange(1, num_envs)))
     for b in range(num_envs):
@@ -186,125 +193,187 @@ def _spans(
         numbers_b = numbers[b, :t].tolist()  # python ints: cheaper than numpy scalars below
         gaps_b = gap_count[b, :t].tolist()
         reset_rows = {n: j for j, n in enumerate(chunk.reset_number[b, : resets[b]].tolist())}
-        open_ep = None if chunk.fresh[b] or b >= len(carry) else carry[b]
+        kept = None if chunk.fresh[b] or b >= len(carry) else carry[b]
+        tail: _Span | OpenEpisode | None = kept
         s = 0
         ends = lasts_per_env[b].tolist()
-        tail = not ends or ends[-1] != t - 1
-        if tail:
+        has_tail = not ends or ends[-1] != t - 1
+        if has_tail:
             ends.append(t - 1)  # the unfinished tail (absent when t == 0)
         for i, e in enumerate(ends):
             if e < s:
                 continue
             first = numbers_b[s]
-            continues = s == 0 and open_ep is not None and open_ep.next_number == first
-            base = open_ep if continues else None
+            continues = s == 0 and kept is not None and kept.next_number == first
+            base = kept if continues else None
             row = reset_rows.get(first, -1) if base is None else -1
             complete = (base is not None or row >= 0) and gaps_b[e] == gaps_b[s]
-            open_ep = None
-            if complete and not (tail and i == len(ends) - 1):
-                number = base.start_number if base is not None else first
+            number = base.start_number if base is not None else first
+            tail = None
+            if complete and not (has_tail and i == len(ends) - 1):
                 spans.append(_Span(b, s, e + 1, row, base, number))
             elif complete:  # the tail: carried to the next flush
-                start = base if base is not None else _from_reset(chunk, b, row, first)
-                assert start is not None
-                open_ep = OpenEpisode(
-                    start.start_number,
-                    (numbers_b[e] + 1) % _MOD,
-                    [
-                        [*p, leaf[b, s : e + 1]]
-                        for p, leaf in zip(start.observations, chunk.step_observations, strict=True)
-                    ],
-                    [
-                        [*p, leaf[b, s : e + 1]]
-                        for p, leaf in zip(start.data, chunk.step_data, strict=True)
-                    ],
-                )
+                tail = _Span(b, s, e + 1, row, base, number, (numbers_b[e] + 1) % _MOD)
             s = e + 1
         end = int(chunk.end_number[b])
-        if open_ep is None:
+        if tail is None and end in reset_rows:
             # The episode that starts after the last LAST row (or the stream's first one).
-            open_ep = _from_reset(chunk, b, reset_rows.get(end), end)
-        if open_ep is not None and open_ep.next_number != end:
-            open_ep = None  # steps were taken unrecorded since: the episode can't be complete
-        new_carry.append(None if open_ep is None else _own(open_ep))
-    return spans, new_carry
+            tail = _Span(b, t, t, reset_rows[end], None, end, end)
+        if tail is not None and tail.next_number != end:
+            tail = None  # steps were taken unrecorded since: the episode can't be complete
+        tails.append(tail)
+    return spans, tails
 
 
-@dataclasses.dataclass
-class CutColumns:
-    """The complete episodes of one flush as packed columns, episodes back to back.
-
-    Attributes:
-        observations: Observation leaves ``[sum(T_e + 1), ...]`` (reset observation first).
-        data: Data leaves ``[sum(T_e), ...]``.
-        n_tuples: ``[E]`` int64 transitions per episode.
-        terminated: ``[E]`` bool, ended with discount 0.
-        env_index: ``[E]`` int64 environment of each episode.
-        start_number: ``[E]`` int64 step number of each episode's first step.
-    """
-
-    observations: list[np.ndarray]
-    data: list[np.ndarray]
-    n_tuples: np.ndarray
-    terminated: np.ndarray
-    env_index: np.ndarray
-    start_number: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.n_tuples.shape[0])
+_Segments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def _segments(
-    prefix_len: np.ndarray,
-    prefix_src: np.ndarray,
-    prefix_start: np.ndarray,
-    step_len: np.ndarray,
-    step_env: np.ndarray,
-    step_start: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row sources of a packed column: per episode ``prefix_len`` rows from source
-    ``prefix_src`` (1 = reset rows, 2 = the carried pool) starting at ``prefix_start``, then
-    ``step_len`` step rows of env ``step_env`` from row ``step_start``.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Where each row of a packed column comes from: per source (0 = step rows ``[B, S]``,
+    1 = reset rows ``[B, R]``, 2 = a pool of carried rows ``[P]``), contiguous segments
+    ``(out_start, env, row_start, length)`` and the same expanded to row indices
+    ``(out, env, row)``."""
 
-    Returns ``(source [N], env [N], row [N])``: source 0 = step rows of ``env``, 1 = reset rows
-    of ``env``, 2 = pool rows; ``row`` indexes that source.
-    """  # fmt: skip
-    per = prefix_len + step_len
-    total = int(per.sum())
-    first = np.cumsum(per) - per  # first output row of each episode
-    position = np.arange(total) - np.repeat(first, per)  # row within its episode
-    in_prefix = position < np.repeat(prefix_len, per)
-    source = np.where(in_prefix, np.repeat(prefix_src, per), 0)
-    env = np.repeat(step_env, per)
-    row = np.where(
-        in_prefix,
-        np.repeat(prefix_start, per) + position,
-        np.repeat(step_start - prefix_len, per) + position,
-    )
-    return source, env, row
+    rows: int
+    segments: tuple[_Segments, ...]
+    indices: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
 
+    @classmethod
+    def from_segments(cls, rows: int, segments: Sequence[_Segments]) -> _Plan:
+        """The plan of a column of ``rows`` rows from its three sources' segments."""
+        kept: list[_Segments] = []
+        indices = []
+        for out_start, env, row_start, length in segments:
+            used = length > 0
+            out_start, env, row_start, length = (
+                out_start[used],
+                env[used],
+                row_start[used],
+                length[used],
+            )
+            kept.append((out_start, env, row_start, length))
+            within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+            indices.append(
+                (
+                    np.repeat(out_start, length) + within,
+                    np.repeat(env, length),
+                    np.repeat(row_start, length) + within,
+                )
+            )
+        return cls(rows, tuple(kept), tuple(indices))
 
-def _gather(
-    out_rows: int,
-    sources: tuple[np.ndarray, np.ndarray, np.ndarray],
-    step_leaf: np.ndarray,
-    reset_leaf: np.ndarray | None,
-    pool_leaf: np.ndarray | None,
-) -> np.ndarray:
-    """One packed column from its three possible sources (see ``_segments``)."""
-    source, env, row = sources
-    out = np.empty((out_rows, *step_leaf.shape[2:]), step_leaf.dtype)
-    if not (source != 0).any():
-        out[...] = step_leaf[env, row]
+    @classmethod
+    def episodes(
+        cls,
+        prefix: _Segments,
+        prefix_source: int,
+        step_env: np.ndarray,
+        step_start: np.ndarray,
+        step_len: np.ndarray,
+    ) -> _Plan:
+        """Per episode ``prefix[3]`` rows from ``prefix_source`` (``prefix[0]`` is ignored),
+        then ``step_len`` step rows of env ``step_env``."""  # fmt: skip
+        _, env, row_start, length = prefix
+        per = length + step_len
+        first = np.cumsum(per) - per
+        empty = (np.zeros(0, np.int64),) * 4
+        segments: list[_Segments] = [(first + length, step_env, step_start, step_len), empty, empty]
+        segments[prefix_source] = (first, env, row_start, length)
+        return cls.from_segments(int(per.sum()), segments)
+
+    def gather(self, sources: Sequence[np.ndarray | None], like: np.ndarray) -> np.ndarray:
+        """The column from ``sources`` (step ``[B, S, ...]``, reset ``[B, R, ...]``, pool
+        ``[P, ...]``; ``like`` gives the dtype and row shape)."""
+        out = np.empty((self.rows, *like.shape[2:]), like.dtype)
+        row_bytes = like.dtype.itemsize * int(np.prod(like.shape[2:], dtype=np.int64))
+        for source, leaf in enumerate(sources):
+            if leaf is None or not len(self.indices[source][0]):
+                continue
+            out_start, env, row_start, length = self.segments[source]
+            if row_bytes * len(self.indices[source][0]) >= _SEGMENT_COPY_BYTES * len(length):
+                # Runs of big rows: one memcpy per run beats a gather through a temporary.
+                for o, e, r, n in zip(out_start.tolist(), env.tolist(), row_start.tolist(),
+                                      length.tolist(), strict=True):  # fmt: skip
+                    out[o : o + n] = leaf[r : r + n] if source == 2 else leaf[e, r : r + n]
+                continue
+            out_rows, env_rows, rows = self.indices[source]
+            if source == 2:
+                out[out_rows] = leaf[rows]
+            elif len(out_rows) == self.rows:
+                out[...] = leaf[env_rows, rows]
+            else:
+                out[out_rows] = leaf[env_rows, rows]
         return out
-    steps = source == 0
-    out[steps] = step_leaf[env[steps], row[steps]]
-    if reset_leaf is not None:
-        resets = source == 1
-        out[resets] = reset_leaf[env[resets], row[resets]]
-    if pool_leaf is not None:
-        pooled = source == 2
-        out[pooled] = pool_leaf[row[pooled]]
+
+
+_SEGMENT_COPY_BYTES = 4096  # mean bytes per run from which runs are copied one by one
+_MAX_PIECES = 4  # a carried episode's pieces are joined beyond this (bounds the pools kept alive)
+
+
+def _carried_pool(spans: Sequence[_Span], field: str, num_leaves: int) -> list[np.ndarray | None]:
+    """Per leaf, the carried pieces of ``spans`` (those continuing an episode) back to back."""
+    pool: list[np.ndarray | None] = []
+    for j in range(num_leaves):
+        pieces = [p for sp in spans if sp.base is not None for p in getattr(sp.base, field)[j]]
+        pool.append(np.concatenate(pieces, axis=0) if pieces else None)
+    return pool
+
+
+def _span_arrays(spans: Sequence[_Span]) -> tuple[np.ndarray, ...]:
+    n = len(spans)
+    env = np.fromiter((sp.env for sp in spans), np.int64, count=n)
+    start = np.fromiter((sp.start for sp in spans), np.int64, count=n)
+    stop = np.fromiter((sp.stop for sp in spans), np.int64, count=n)
+    reset_row = np.fromiter((sp.reset_row for sp in spans), np.int64, count=n)
+    return env, start, stop, reset_row
+
+
+def _carry_tails(
+    chunk: HostChunk, tails: list[_Span | OpenEpisode | None]
+) -> list[OpenEpisode | None]:
+    """The new carry: every tail span's rows gathered into one new pool per leaf (never a view
+    of ``chunk``); each carried episode keeps its old pieces plus a slice of the pool."""
+    spans = [t for t in tails if isinstance(t, _Span)]
+    if not spans:
+        return [t if isinstance(t, OpenEpisode) else None for t in tails]
+    env, start, stop, reset_row = _span_arrays(spans)
+    fresh = reset_row >= 0
+    step_len = stop - start
+    zero = np.zeros(len(spans), np.int64)
+    reset_rows = (zero, env, np.maximum(reset_row, 0), fresh.astype(np.int64))
+    obs_plan = _Plan.episodes(reset_rows, 1, env, start, step_len)
+    data_plan = _Plan.episodes((zero, env, zero, zero), 2, env, start, step_len)
+    obs_pool = [
+        obs_plan.gather((s_leaf, r_leaf, None), s_leaf)
+        for s_leaf, r_leaf in zip(chunk.step_observations, chunk.reset_observations, strict=True)
+    ]
+    data_pool = [data_plan.gather((leaf, None, None), leaf) for leaf in chunk.step_data]
+    obs_at = np.concatenate([[0], np.cumsum(fresh + step_len)]).tolist()
+    data_at = np.concatenate([[0], np.cumsum(step_len)]).tolist()
+
+    def pieces(old: list[np.ndarray], new: np.ndarray) -> list[np.ndarray]:
+        joined = [*old, new] if len(new) else list(old)
+        return [np.concatenate(joined, axis=0)] if len(joined) > _MAX_PIECES else joined
+
+    out: list[OpenEpisode | None] = []
+    k = 0
+    for tail in tails:
+        if not isinstance(tail, _Span):
+            out.append(tail)
+            continue
+        base = tail.base
+        obs = [x[obs_at[k] : obs_at[k + 1]] for x in obs_pool]
+        data = [x[data_at[k] : data_at[k + 1]] for x in data_pool]
+        k += 1
+        out.append(
+            OpenEpisode(
+                tail.start_number,
+                tail.next_number,
+                [pieces(base.observations[j] if base else [], x) for j, x in enumerate(obs)],
+                [pieces(base.data[j] if base else [], x) for j, x in enumerate(data)],
+            )
+        )
     return out
 
 
@@ -338,53 +407,64 @@ def cut_columns(
         >>> cut.observations[0].tolist(), cut.n_tuples.tolist(), cut.terminated.tolist()
         ([0.0, 1.0, 2.0], [2], [True])
     """
-    spans, new_carry = _spans(chunk, carry)
+    spans, tails = _spans(chunk, carry)
     n = len(spans)
-    env = np.fromiter((sp.env for sp in spans), np.int64, count=n)
-    start = np.fromiter((sp.start for sp in spans), np.int64, count=n)
-    stop = np.fromiter((sp.stop for sp in spans), np.int64, count=n)
-    reset_row = np.fromiter((sp.reset_row for sp in spans), np.int64, count=n)
+    env, start, stop, reset_row = _span_arrays(spans)
     numbers = np.fromiter((sp.start_number for sp in spans), np.int64, count=n)
-    carried = [sp.base for sp in spans if sp.base is not None]
     is_carried = reset_row < 0
-    # The carried pieces, concatenated once per leaf (at most one carried episode per env).
     carried_obs = np.zeros(n, np.int64)
     carried_data = np.zeros(n, np.int64)
-    obs_pool: list[np.ndarray | None] = [None] * len(chunk.step_observations)
-    data_pool: list[np.ndarray | None] = [None] * len(chunk.step_data)
+    carried = [sp.base for sp in spans if sp.base is not None]
     if carried:
         carried_obs[is_carried] = [sum(len(p) for p in ep.observations[0]) for ep in carried]
         carried_data[is_carried] = [ep.length for ep in carried]
-        obs_pool = [
-            np.concatenate([p for ep in carried for p in ep.observations[j]], axis=0)
-            for j in range(len(obs_pool))
-        ]
-        data_pool = [
-            np.concatenate([p for ep in carried for p in ep.data[j]], axis=0)
-            if any(ep.data[j] for ep in carried) else None
-            for j in range(len(data_pool))
-        ]  # fmt: skip
+    obs_pool = _carried_pool(spans, "observations", len(chunk.step_observations))
+    data_pool = _carried_pool(spans, "data", len(chunk.step_data))
     step_len = stop - start
-    obs_prefix = np.where(is_carried, carried_obs, 1)
-    obs_source = np.where(is_carried, 2, 1)
-    obs_start = np.where(is_carried, np.cumsum(carried_obs) - carried_obs, reset_row)
-    obs_rows = _segments(obs_prefix, obs_source, obs_start, step_len, env, start)
+    # Observations: the reset row (new episode) or the carried rows (pool), then step rows.
+    obs_plan = _observation_plan(is_carried, carried_obs, reset_row, env, start, step_len)
     observations = [
-        _gather(int((obs_prefix + step_len).sum()), obs_rows, s_leaf, r_leaf, pool)
+        obs_plan.gather((s_leaf, r_leaf, pool), s_leaf)
         for s_leaf, r_leaf, pool in zip(
             chunk.step_observations, chunk.reset_observations, obs_pool, strict=True
         )
     ]
-    data_start = np.cumsum(carried_data) - carried_data
-    data_rows = _segments(carried_data, np.full(n, 2), data_start, step_len, env, start)
-    n_tuples = carried_data + step_len
+    pooled = (env, env, np.cumsum(carried_data) - carried_data, carried_data)
+    data_plan = _Plan.episodes(pooled, 2, env, start, step_len)
     data = [
-        _gather(int(n_tuples.sum()), data_rows, leaf, None, pool)
+        data_plan.gather((leaf, None, pool), leaf)
         for leaf, pool in zip(chunk.step_data, data_pool, strict=True)
     ]
     last_rows = chunk.discount[env, stop - 1]
     terminated = np.all((last_rows == 0).reshape(n, -1), axis=1) if n else np.zeros(0, bool)
-    return CutColumns(observations, data, n_tuples, terminated, env, numbers), new_carry
+    cut = CutColumns(observations, data, carried_data + step_len, terminated, env, numbers)
+    return cut, _carry_tails(chunk, tails)
+
+
+def _observation_plan(
+    is_carried: np.ndarray,
+    carried_obs: np.ndarray,
+    reset_row: np.ndarray,
+    env: np.ndarray,
+    start: np.ndarray,
+    step_len: np.ndarray,
+) -> _Plan:
+    """Observation rows of the complete episodes: a carried episode's rows from the pool (in
+    span order), a new episode's reset row, then the step rows."""  # fmt: skip
+    new = ~is_carried
+    prefix = np.where(is_carried, carried_obs, 1)
+    per = prefix + step_len
+    first = np.cumsum(per) - per
+    pooled = np.where(is_carried, carried_obs, 0)
+    pool_start = np.cumsum(pooled) - pooled
+    return _Plan.from_segments(
+        int(per.sum()),
+        (
+            (first + prefix, env, start, step_len),
+            (first[new], env[new], reset_row[new], np.ones(int(new.sum()), np.int64)),
+            (first[is_carried], env[is_carried], pool_start[is_carried], carried_obs[is_carried]),
+        ),
+    )
 
 
 def cut_episodes(
@@ -439,6 +519,7 @@ class PendingFlush:
         num_reset_rows: Reset rows fetched per environment.
         new_token: Flush token given to the emptied state.
         exact: Whether the row counts were read from the device (else given by the caller).
+        time_major: The step rows are ``[T, B, ...]`` (kept by the caller), not ``[B, C, ...]``.
     """
 
     arrays: dict[str, Any]
@@ -446,6 +527,7 @@ class PendingFlush:
     num_reset_rows: int
     new_token: int
     exact: bool
+    time_major: bool = False
 
 
 @partial(jax.jit, static_argnames=("steps", "resets"))
@@ -528,23 +610,36 @@ class Flusher:
 
     # -- fetch ----------------------------------------------------------------------------
     def fetch(
-        self, state: RecorderState, num_steps: int | None = None, copy: bool = True
+        self,
+        state: RecorderState,
+        num_steps: int | None = None,
+        copy: bool = True,
+        step_rows: Any = None,
     ) -> tuple[RecorderState, PendingFlush]:
         """Slices the used rows on device, starts their copy to host, empties the state.
 
         With ``copy=False`` the rows are not copied on device first: only for a caller that
-        writes the pending flush before it steps the returned state again (``flush``).
+        writes the pending flush before it steps the returned state again (``flush``). With
+        ``step_rows`` (a buffer without step storage) the step rows are those arrays, stacked
+        time-major ``(words [T, B, Ws], large leaves [T, B, n_i])``; nothing is copied.
         """
         buffer = state.buffer
         capacity = self.spec.capacity
-        if num_steps is None:
+        if (step_rows is None) != self.spec.step_storage:
+            raise ValueError(
+                "step_rows must be given exactly when the buffer keeps no step rows "
+                f"(step_storage={self.spec.step_storage})."
+            )
+        if num_steps is None or step_rows is not None:
             steps = np.asarray(jax.device_get(buffer.num_steps))
             resets = np.asarray(jax.device_get(buffer.num_resets))
             max_steps = int(steps.max(initial=0))
             if max_steps > capacity:
                 raise _overflow_error(capacity)
             # Row counts rounded up to a power of two: few distinct slice programs to compile.
-            step_rows = min(_round_up(max_steps), capacity)
+            step_count = min(_round_up(max_steps), capacity)
+            if step_rows is not None:  # one row per step since the last flush, for every env
+                step_count = int(step_rows[0].shape[0])
             reset_rows = min(_round_up(int(resets.max(initial=0))), self.spec.num_reset_rows)
             exact = True
         else:
@@ -552,11 +647,15 @@ class Flusher:
                 raise ValueError(f"num_steps must be >= 0, received {num_steps}.")
             if num_steps > capacity:
                 raise _overflow_error(capacity)
-            step_rows = num_steps
+            step_count = num_steps
             reset_rows = min(num_steps + 1, self.spec.num_reset_rows)
             exact = False
         take = _take_rows if copy else _view_rows
-        arrays = take(buffer, steps=step_rows, resets=reset_rows)
+        if step_rows is not None:  # fresh scan outputs: never donated, no device copy needed
+            arrays = take(buffer, steps=0, resets=reset_rows)
+            arrays["step_words"], arrays["step_big"] = step_rows[0], list(step_rows[1])
+        else:
+            arrays = take(buffer, steps=step_count, resets=reset_rows)
         for leaf in jax.tree.leaves(arrays):
             leaf.copy_to_host_async()
         token = self._issue_token()
@@ -565,7 +664,9 @@ class Flusher:
             num_resets=jnp.zeros_like(buffer.num_resets),
             flush_token=jnp.full(jnp.shape(buffer.flush_token), token, jnp.uint32),
         )
-        pending = PendingFlush(arrays, step_rows, reset_rows, token, exact)
+        pending = PendingFlush(
+            arrays, step_count, reset_rows, token, exact, time_major=step_rows is not None
+        )
         return state.replace(buffer=emptied), pending
 
     # -- cut ------------------------------------------------------------------------------
@@ -585,9 +686,14 @@ class Flusher:
         def rows(x: np.ndarray) -> np.ndarray:
             return np.asarray(x).reshape(num_envs, *np.shape(x)[-2:])
 
+        def time_major_rows(x: np.ndarray) -> np.ndarray:  # [T, B..., n] -> view [B, T, n]
+            x = np.asarray(x)
+            return x.reshape(x.shape[0], num_envs, x.shape[-1]).swapaxes(0, 1)
+
+        step_rows = time_major_rows if pending.time_major else rows
         step_tree = self.spec.step_codec.treedef.unflatten(
             self.spec.step_codec.decode(
-                rows(host["step_words"]), [rows(x) for x in host["step_big"]]
+                step_rows(host["step_words"]), [step_rows(x) for x in host["step_big"]]
             )
         )
         reset_tree = self.spec.reset_codec.treedef.unflatten(

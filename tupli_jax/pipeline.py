@@ -114,14 +114,14 @@ class _Carry:
 
 def _make_chunk(rec: RecordingWrapper, policy: Policy, num_envs: int, length: int) -> Any:
     """``jit(chunk, donate_argnums=0)``: ``length`` steps of ``num_envs`` envs in one scan."""
-    step = jax.vmap(rec.step)
+    step = jax.vmap(rec._step_emitting_row)
     act = jax.vmap(policy)
 
     def one_step(carry: tuple[_Carry, Any], _: None) -> tuple[tuple[_Carry, Any], Any]:
         c, observation = carry
         key, act_key = jax.random.split(c.key)
         action = act(jax.random.split(act_key, num_envs), observation)
-        recorder, timestep = step(c.recorder, action)
+        recorder, timestep, row = step(c.recorder, action)
         episode_return = c.episode_return + timestep.reward.astype(jnp.float32)
         episode_length = c.episode_length + 1
         last = timestep.last()
@@ -133,13 +133,15 @@ def _make_chunk(rec: RecordingWrapper, policy: Policy, num_envs: int, length: in
             episode_return=jnp.where(last, zero_f, episode_return),
             episode_length=jnp.where(last, zero_i, episode_length),
         )
-        return (new, timestep.observation), out
+        return (new, timestep.observation), (out, row)
 
     def chunk(carry: _Carry, observation: Any) -> tuple[_Carry, Any]:
-        (carry, observation), outs = jax.lax.scan(
+        # The step rows are scan outputs: stacked time-major [T, B, ...], each step written at
+        # the scan's index for all envs at once (cheaper than a per-env scatter into the carry).
+        (carry, observation), (outs, rows) = jax.lax.scan(
             one_step, (carry, observation), None, length=length
         )
-        return carry, (observation, outs)
+        return carry, (observation, outs, rows)
 
     return jax.jit(chunk, donate_argnums=0)
 
@@ -322,6 +324,7 @@ def record(
         )
     started = time.perf_counter()
     rec = RecordingWrapper(env, storage=storage, capacity=capacity)
+    rec._keep_step_rows_outside()  # step rows come out of each chunk's scan, time-major
     benchmark_id = rec.store(name=name or type(env).__name__, metadata={})
     policy = policy or uniform_policy(env.action_spec)
     chunks = [capacity] * (num_steps // capacity) + (
@@ -384,10 +387,10 @@ def record(
                 fn = _make_chunk(rec, policy, num_envs, length)
                 compiled[length] = fn.lower(carry, observation).compile()
                 compile_seconds += time.perf_counter() - t0
-            carry, (observation, outs) = compiled[length](carry, observation)
-            # Row counts read from the device (waits for this chunk, which the next one needs
-            # anyway): only the reset rows actually written are copied, not all C + 1.
-            recorder_state, pending = rec.fetch(carry.recorder)
+            carry, (observation, outs, rows) = compiled[length](carry, observation)
+            # Reset-row counts read from the device (waits for this chunk, which the next one
+            # needs anyway): only the reset rows actually written are copied, not all C + 1.
+            recorder_state, pending = rec._fetch(carry.recorder, rows)
             carry = dataclasses.replace(carry, recorder=recorder_state)
             out.put(index + 1, pending)
             if logged is not None:  # the previous chunk's outputs: reading them does not stall

@@ -278,6 +278,20 @@ class RecordingWrapper(Wrapper):
         Returns:
             The next recorder state and timestep.
         """
+        new_state, timestep, _ = self._step(state, action, emit_row=False)
+        return new_state, timestep
+
+    def _step_emitting_row(
+        self, state: RecorderState, action: chex.Array
+    ) -> tuple[RecorderState, TimeStep, Any]:
+        """``step`` for a recorder without step storage (``_keep_step_rows_outside``): the
+        encoded step row ``(words, large leaves)`` is returned for the caller to stack
+        time-major (``tj.record`` makes it a ``lax.scan`` output) and pass to ``_fetch``."""
+        return self._step(state, action, emit_row=True)
+
+    def _step(
+        self, state: RecorderState, action: chex.Array, emit_row: bool
+    ) -> tuple[RecorderState, TimeStep, Any]:
         env_state, timestep = self._env.step(state.env_state, action)
         reset_key = jax.random.split(env_state.key)[0]
         reset_env_state, reset_timestep = self._env.reset(reset_key)
@@ -292,6 +306,7 @@ class RecordingWrapper(Wrapper):
             extras={**timestep.extras, NEXT_OBS_KEY_IN_EXTRAS: timestep.observation},
         )
         buffer = state.buffer
+        row = None
         if self._recording:
             transition = {
                 "action": action,
@@ -302,10 +317,17 @@ class RecordingWrapper(Wrapper):
                 "extras": self._chosen_extras(timestep.extras),
             }
             reset_observation = self._record_observation(reset_timestep.observation)
-            buffer = self.buffer_spec.record_step(buffer, transition, reset_observation, last)
+            if emit_row:
+                buffer, row = self.buffer_spec.record_step_row(
+                    buffer, transition, reset_observation, last
+                )
+            else:
+                buffer = self.buffer_spec.record_step(buffer, transition, reset_observation, last)
         else:
+            if emit_row:
+                raise ValueError("step rows can only be emitted while recording is on.")
             buffer = self.buffer_spec.skip_step(buffer)
-        return RecorderState(env_state=next_env_state, buffer=buffer), out
+        return RecorderState(env_state=next_env_state, buffer=buffer), out, row
 
     # -- host side: flushing ---------------------------------------------------------------
     def fetch(
@@ -321,6 +343,18 @@ class RecordingWrapper(Wrapper):
             ValueError: The buffer overflowed (message says "capacity" and what to do).
         """
         return self._flusher.fetch(state, num_steps=num_steps)
+
+    def _keep_step_rows_outside(self) -> None:
+        """Switches to a buffer without step storage (before any ``reset``): steps must then go
+        through ``_step_emitting_row`` and flushes through ``_fetch(state, step_rows)``."""
+        self.buffer_spec = dataclasses.replace(self.buffer_spec, step_storage=False)
+        self._flusher.spec = self.buffer_spec
+
+    def _fetch(self, state: RecorderState, step_rows: Any) -> tuple[RecorderState, PendingFlush]:
+        """``fetch`` for a recorder without step storage: ``step_rows`` are the rows that
+        ``_step_emitting_row`` returned since the last flush, stacked time-major
+        ``(words [T, B, Ws], large leaves [T, B, n_i])``."""
+        return self._flusher.fetch(state, step_rows=step_rows)
 
     def write(self, pending: PendingFlush, batch_id: str | None = None) -> list[EpisodeHeader]:
         """Cuts the fetched rows into episodes and stores the complete ones (one batch call).

@@ -163,6 +163,46 @@ def test_stored_episodes_equal_the_reference_loop(tmp_path: Path, mode: str) -> 
         assert sum(e.length for e in stored) + sum(carried_steps) == steps * num_envs
 
 
+def test_time_major_step_rows_equal_the_reference_loop(tmp_path: Path) -> None:
+    # tj.record's path: no step storage in the buffer, step rows stacked [T, B] by lax.scan.
+    num_envs, steps = 4, 40
+    store = FileStorage(tmp_path / "store")
+    rec = RecordingWrapper(ENV, storage=store, capacity=5)
+    rec._keep_step_rows_outside()
+    rec.store(name="fake")
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(3), num_envs))
+    actions = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (steps, num_envs), 0, 3))
+    actions = actions.astype(np.int32)
+    state, _ = jax.jit(jax.vmap(rec.reset))(keys)
+    assert all(x.shape[1] == 0 for x in jax.tree.leaves(state.buffer.step_big))
+    step = jax.vmap(rec._step_emitting_row)
+
+    @jax.jit
+    def chunk(state: Any, acts: jax.Array) -> tuple[Any, Any]:
+        def one(s: Any, a: jax.Array) -> tuple[Any, Any]:
+            s, _, row = step(s, a)
+            return s, row
+
+        return jax.lax.scan(one, state, acts)
+
+    with pytest.raises(ValueError, match="step_rows"):
+        rec.fetch(state)
+    t = 0
+    for length in [3, 5, 1, 4, 5, 2, 5, 5, 5, 5]:  # irregular, never more than the capacity
+        state, rows = chunk(state, jnp.asarray(actions[t : t + length]))
+        state, pending = rec._fetch(state, rows)
+        assert pending.time_major and pending.num_step_rows == length
+        rec.write(pending)
+        t += length
+    assert t == steps
+    expected, unfinished = _reference(ENV, keys, actions, [True] * steps)
+    stored = _stored(store)
+    _assert_same_episodes(stored, expected)
+    (entry,) = rec.flush_state()["carries"].values()
+    carried = [len(entry[str(b)]["data"][0]) if str(b) in entry else 0 for b in range(num_envs)]
+    assert carried == unfinished
+
+
 def test_one_step_episodes_fill_the_buffer_without_overflow(tmp_path: Path) -> None:
     """Worst case for reset rows: every step ends an episode; ``capacity`` steps still fit."""
     env = FakeEnv(min_target=1, max_target=2)  # the counter reaches 1 at the first step

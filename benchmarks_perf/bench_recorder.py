@@ -7,7 +7,11 @@ Device only (no flush; one scan of ``--steps`` steps, outputs blocked on):
 
 - ``unrecorded``: the env in jumanji's ``AutoResetWrapper(next_obs_in_extras=True)`` (the
   recorder resets episodes itself, so the baseline must too);
-- ``recorder``: ``tj.RecordingWrapper(env, capacity=steps)``, buffer filled, never flushed;
+- ``recorder``: ``tj.RecordingWrapper(env, capacity=steps)`` vmapped by the caller (per-env
+  step rows written into the buffer: one scatter per step), buffer filled, never flushed;
+- ``time-major``: ``tj.record``'s own chunk (``pipeline._make_chunk``): a recorder without
+  step storage whose step rows are ``lax.scan`` outputs, ``[T, B, ...]`` written at the scan's
+  shared index (no scatter); its reset rows stay in the per-env buffer;
 - ``flashbax``: the ``unrecorded`` rollout plus ``flashbax.make_trajectory_buffer(...).add`` of
   each step's transition ``{obs, action, reward, discount, last, next_obs}`` (the smallest
   complete record a fixed-layout trajectory buffer allows: with auto-reset, the step's
@@ -63,7 +67,7 @@ from benchmarks_perf._envs import (
 )
 
 DEFAULT_STEPS = {1: 4096, 64: 1024, 1024: 256}
-DEVICE_MODES = ("unrecorded", "recorder", "flashbax")
+DEVICE_MODES = ("unrecorded", "recorder", "time-major", "flashbax")
 FLUSH_MODES = ("unrecorded, chunked", "tj.record", "fetch/write")
 
 
@@ -108,6 +112,31 @@ def _flashbax(env: Any, num_envs: int, length: int) -> tuple[Callable[[], Any], 
     return make_empty, hook
 
 
+def prepare_time_major(env: Any, num_envs: int, steps: int) -> Prepared:
+    """``tj.record``'s chunk: same policy and bookkeeping, step rows as scan outputs."""
+    from tupli_jax.pipeline import _Carry, _make_chunk, uniform_policy
+
+    rec = tj.RecordingWrapper(env, capacity=steps)
+    rec._keep_step_rows_outside()
+    chunk = _make_chunk(rec, uniform_policy(env.action_spec), num_envs, steps)
+
+    def init(key: jax.Array) -> Any:
+        key, reset_key = jax.random.split(key)
+        state, ts = jax.vmap(rec.reset)(jax.random.split(reset_key, num_envs))
+        zeros = jnp.zeros(num_envs, jnp.float32), jnp.zeros(num_envs, jnp.int32)
+        return _Carry(state, key, *zeros), ts.observation
+
+    def run(c: Any) -> tuple[Any, Any]:
+        carry, (observation, outs, rows) = chunk(*c)
+        return (carry, observation), (outs, rows)
+
+    init_j = jax.jit(init)
+    carry = jax.block_until_ready(init_j(jax.random.PRNGKey(0)))
+    start = time.perf_counter()
+    compiled = jax.jit(run, donate_argnums=0).lower(carry).compile()
+    return Prepared(init_j, compiled, time.perf_counter() - start)
+
+
 def prepare_device(mode: str, env: Any, num_envs: int, steps: int) -> Prepared:
     """The rollout of one device-only mode."""
     auto = AutoResetWrapper(env, next_obs_in_extras=True)
@@ -115,6 +144,8 @@ def prepare_device(mode: str, env: Any, num_envs: int, steps: int) -> Prepared:
         return prepare(auto, num_envs, steps)
     if mode == "recorder":
         return prepare(tj.RecordingWrapper(env, capacity=steps), num_envs, steps)
+    if mode == "time-major":
+        return prepare_time_major(env, num_envs, steps)
     make_empty, hook = _flashbax(auto, num_envs, steps)
     return prepare(auto, num_envs, steps, extra=make_empty, hook=hook)
 
@@ -256,10 +287,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print("\n### Device only (no flush)\n")
     print(
-        "| env | B | steps | unrecorded | transitions/s | recorder | flashbax "
-        "| compile s (unrec / rec / fbx) |"
+        "| env | B | steps | unrecorded | transitions/s | recorder | time-major | flashbax "
+        "| compile s (unrec / rec / time-major / fbx) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for env_id in envs:
         for num_envs in sizes:
             steps = args.steps or DEFAULT_STEPS.get(num_envs, 1024)
@@ -269,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"| {env_id} | {num_envs} | {steps} | {t['unrecorded'] * 1e3:.1f} ms "
                 f"| {rate / 1e6:.3f}M | {_fmt(ratio['recorder'], t['recorder'])} "
+                f"| {_fmt(ratio['time-major'], t['time-major'])} "
                 f"| {_fmt(ratio['flashbax'], t['flashbax'])} "
-                f"| {c['unrecorded']:.1f} / {c['recorder']:.1f} "
+                f"| {c['unrecorded']:.1f} / {c['recorder']:.1f} / {c['time-major']:.1f} "
                 f"/ {c['flashbax']:.1f} |",
                 flush=True,
             )

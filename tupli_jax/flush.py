@@ -1,8 +1,9 @@
 """Host side of recording: device-to-host transfer, cutting episodes, carrying unfinished ones.
 
 ``fetch`` starts one asynchronous copy of the used buffer rows and hands back the emptied
-device state; ``write`` waits for the copy, cuts complete episodes (:func:`cut_episodes`, pure
-numpy), stores them with one ``storage.record_episodes`` call and only then commits the carry.
+device state; ``write`` waits for the copy, cuts complete episodes into packed columns
+(:func:`cut_columns` in ``tupli_jax._cut``, pure numpy), stores them with one
+``storage.record_episode_batch`` call and only then commits the carry.
 
 Exactly once: every step row carries the stream's step ``number`` and every reset row the
 ``number`` of its episode's first step. An episode is emitted only when its reset row and all
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tupli_jax._cut import (
+    MOD,
+    CutColumns,
+    CutEpisode,
+    HostChunk,
+    OpenEpisode,
+    concat,
+    cut_columns,
+    cut_episodes,
+)
 from tupli_jax.episode import EpisodeBatch, EpisodeData
 
 if TYPE_CHECKING:
@@ -43,470 +54,6 @@ __all__ = [
     "cut_columns",
     "cut_episodes",
 ]
-
-_MOD = 1 << 32
-
-
-@dataclasses.dataclass
-class OpenEpisode:
-    """An unfinished episode carried on the host between flushes.
-
-    Attributes:
-        start_number: Step number of the episode's first step.
-        next_number: Step number its next step must have (mod 2**32).
-        observations: Per observation leaf, the pieces ``[n_i, ...]`` seen so far (the first
-            piece starts with the reset observation).
-        data: Per data leaf (action, reward, discount, extras), the pieces seen so far.
-    """
-
-    start_number: int
-    next_number: int
-    observations: list[list[np.ndarray]]
-    data: list[list[np.ndarray]]
-
-    @property
-    def length(self) -> int:
-        """Steps seen so far."""
-        return sum(len(p) for p in self.data[0]) if self.data else 0
-
-
-@dataclasses.dataclass
-class CutEpisode:
-    """A complete episode cut from host rows (flat leaves; see :func:`cut_episodes`).
-
-    Attributes:
-        env_index: Index of the environment in the (flattened) batch.
-        start_number: Step number of its first step.
-        observations: Observation leaves ``[T + 1, ...]``.
-        data: Data leaves ``[T, ...]``.
-        terminated: Ended with discount 0.
-        truncated: Ended with discount > 0.
-    """
-
-    env_index: int
-    start_number: int
-    observations: list[np.ndarray]
-    data: list[np.ndarray]
-    terminated: bool
-    truncated: bool
-
-
-@dataclasses.dataclass
-class CutColumns:
-    """The complete episodes of one flush as packed columns, episodes back to back.
-
-    Attributes:
-        observations: Observation leaves ``[sum(T_e + 1), ...]`` (reset observation first).
-        data: Data leaves ``[sum(T_e), ...]``.
-        n_tuples: ``[E]`` int64 transitions per episode.
-        terminated: ``[E]`` bool, ended with discount 0.
-        env_index: ``[E]`` int64 environment of each episode.
-        start_number: ``[E]`` int64 step number of each episode's first step.
-    """
-
-    observations: list[np.ndarray]
-    data: list[np.ndarray]
-    n_tuples: np.ndarray
-    terminated: np.ndarray
-    env_index: np.ndarray
-    start_number: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.n_tuples.shape[0])
-
-
-@dataclasses.dataclass
-class HostChunk:
-    """Rows of one flush of ``B`` environments, on the host.
-
-    Attributes:
-        step_number: ``[B, S]`` uint32 step number of each step row.
-        last: ``[B, S]`` bool, the step ended its episode.
-        discount: ``[B, S, ...]`` discount of each step.
-        num_steps: ``[B]`` valid step rows per environment (``<= S``).
-        step_observations: Leaves ``[B, S, ...]`` of the true next observation.
-        step_data: Leaves ``[B, S, ...]`` stored per step (action, reward, discount, extras).
-        reset_number: ``[B, R]`` uint32 first-step number of each reset row.
-        num_resets: ``[B]`` valid reset rows per environment (``<= R``).
-        reset_observations: Leaves ``[B, R, ...]`` of the reset observations.
-        end_number: ``[B]`` uint32 step number the next step will have.
-        fresh: ``[B]`` bool, the state comes straight from ``reset`` (no carry applies).
-    """
-
-    step_number: np.ndarray
-    last: np.ndarray
-    discount: np.ndarray
-    num_steps: np.ndarray
-    step_observations: list[np.ndarray]
-    step_data: list[np.ndarray]
-    reset_number: np.ndarray
-    num_resets: np.ndarray
-    reset_observations: list[np.ndarray]
-    end_number: np.ndarray
-    fresh: np.ndarray
-
-
-def _concat(pieces: list[np.ndarray]) -> np.ndarray:
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-
-
-@dataclasses.dataclass
-class _Span:
-    """An episode (complete, or the unfinished tail of an env) found by the index pass; its
-    arrays are gathered afterwards."""
-
-    env: int
-    start: int  # first step row
-    stop: int  # one past its last row in this chunk
-    reset_row: int  # its reset row in this chunk, or -1 when it continues a carried episode
-    base: OpenEpisode | None  # the carried part, when reset_row == -1
-    start_number: int
-    next_number: int = 0  # tails only: the number its next step must have
-
-
-def _spans(
-    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[list[_Span], list[_Span | OpenEpisode | None]]:
-    """Index pass (integer work only): the complete episodes, and per env what to carry: a
-    tail span to gather, a carried episode passed on unchanged (no steps this flush), or None.
-    """
-    num_envs, num_rows = chunk.step_number.shape
-    steps = np.asarray(chunk.num_steps, np.int64)
-    resets = np.asarray(chunk.num_resets, np.int64)
-    if np.any(steps > num_rows) or np.any(resets > chunk.reset_number.shape[1]):
-        raise ValueError(
-            f"more rows were written ({int(steps.max())} step rows, {int(resets.max())} reset "
-            f"rows) than were fetched ({num_rows} and {chunk.reset_number.shape[1]})."
-        )
-    numbers = chunk.step_number.astype(np.int64)
-    # gaps[b, j]: rows j - 1 and j are not consecutive steps (recording was off in between).
-    gaps = np.zeros((num_envs, num_rows), np.int64)
-    gaps[:, 1:] = ((numbers[:, 1:] - numbers[:, :-1]) % _MOD) != 1
-    gap_count = np.cumsum(gaps, axis=1)
-    last = chunk.last & (np.arange(num_rows)[None, :] < steps[:, None])
-    spans: list[_Span] = []
-    tails: list[_Span | OpenEpisode | None] = []
-    all_lasts = np.nonzero(last)
-    lasts_per_env = np.split(all_lasts[1], np.searchsorted(all_lasts[0], np.arange(1, num_envs)))
-    for b in range(num_envs):
-        t = int(steps[b])
-        numbers_b = numbers[b, :t].tolist()  # python ints: cheaper than numpy scalars below
-        gaps_b = gap_count[b, :t].tolist()
-        reset_rows = {n: j for j, n in enumerate(chunk.reset_number[b, : resets[b]].tolist())}
-        kept = None if chunk.fresh[b] or b >= len(carry) else carry[b]
-        tail: _Span | OpenEpisode | None = kept
-        s = 0
-        ends = lasts_per_env[b].tolist()
-        has_tail = not ends or ends[-1] != t - 1
-        if has_tail:
-            ends.append(t - 1)  # the unfinished tail (absent when t == 0)
-        for i, e in enumerate(ends):
-            if e < s:
-                continue
-            first = numbers_b[s]
-            continues = s == 0 and kept is not None and kept.next_number == first
-            base = kept if continues else None
-            row = reset_rows.get(first, -1) if base is None else -1
-            complete = (base is not None or row >= 0) and gaps_b[e] == gaps_b[s]
-            number = base.start_number if base is not None else first
-            tail = None
-            if complete and not (has_tail and i == len(ends) - 1):
-                spans.append(_Span(b, s, e + 1, row, base, number))
-            elif complete:  # the tail: carried to the next flush
-                tail = _Span(b, s, e + 1, row, base, number, (numbers_b[e] + 1) % _MOD)
-            s = e + 1
-        end = int(chunk.end_number[b])
-        if tail is None and end in reset_rows:
-            # The episode that starts after the last LAST row (or the stream's first one).
-            tail = _Span(b, t, t, reset_rows[end], None, end, end)
-        if tail is not None and tail.next_number != end:
-            tail = None  # steps were taken unrecorded since: the episode can't be complete
-        tails.append(tail)
-    return spans, tails
-
-
-_Segments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Where each row of a packed column comes from: per source (0 = step rows ``[B, S]``,
-    1 = reset rows ``[B, R]``, 2 = a pool of carried rows ``[P]``), contiguous segments
-    ``(out_start, env, row_start, length)`` and the same expanded to row indices
-    ``(out, env, row)``."""
-
-    rows: int
-    segments: tuple[_Segments, ...]
-    indices: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
-
-    @classmethod
-    def from_segments(cls, rows: int, segments: Sequence[_Segments]) -> _Plan:
-        """The plan of a column of ``rows`` rows from its three sources' segments."""
-        kept: list[_Segments] = []
-        indices = []
-        for out_start, env, row_start, length in segments:
-            used = length > 0
-            out_start, env, row_start, length = (
-                out_start[used],
-                env[used],
-                row_start[used],
-                length[used],
-            )
-            kept.append((out_start, env, row_start, length))
-            within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
-            indices.append(
-                (
-                    np.repeat(out_start, length) + within,
-                    np.repeat(env, length),
-                    np.repeat(row_start, length) + within,
-                )
-            )
-        return cls(rows, tuple(kept), tuple(indices))
-
-    @classmethod
-    def episodes(
-        cls,
-        prefix: _Segments,
-        prefix_source: int,
-        step_env: np.ndarray,
-        step_start: np.ndarray,
-        step_len: np.ndarray,
-    ) -> _Plan:
-        """Per episode ``prefix[3]`` rows from ``prefix_source`` (``prefix[0]`` is ignored),
-        then ``step_len`` step rows of env ``step_env``."""  # fmt: skip
-        _, env, row_start, length = prefix
-        per = length + step_len
-        first = np.cumsum(per) - per
-        empty = (np.zeros(0, np.int64),) * 4
-        segments: list[_Segments] = [(first + length, step_env, step_start, step_len), empty, empty]
-        segments[prefix_source] = (first, env, row_start, length)
-        return cls.from_segments(int(per.sum()), segments)
-
-    def gather(self, sources: Sequence[np.ndarray | None], like: np.ndarray) -> np.ndarray:
-        """The column from ``sources`` (step ``[B, S, ...]``, reset ``[B, R, ...]``, pool
-        ``[P, ...]``; ``like`` gives the dtype and row shape)."""
-        out = np.empty((self.rows, *like.shape[2:]), like.dtype)
-        row_bytes = like.dtype.itemsize * int(np.prod(like.shape[2:], dtype=np.int64))
-        for source, leaf in enumerate(sources):
-            if leaf is None or not len(self.indices[source][0]):
-                continue
-            out_start, env, row_start, length = self.segments[source]
-            if row_bytes * len(self.indices[source][0]) >= _SEGMENT_COPY_BYTES * len(length):
-                # Runs of big rows: one memcpy per run beats a gather through a temporary.
-                for o, e, r, n in zip(out_start.tolist(), env.tolist(), row_start.tolist(),
-                                      length.tolist(), strict=True):  # fmt: skip
-                    out[o : o + n] = leaf[r : r + n] if source == 2 else leaf[e, r : r + n]
-                continue
-            out_rows, env_rows, rows = self.indices[source]
-            if source == 2:
-                out[out_rows] = leaf[rows]
-            elif len(out_rows) == self.rows:
-                out[...] = leaf[env_rows, rows]
-            else:
-                out[out_rows] = leaf[env_rows, rows]
-        return out
-
-
-_SEGMENT_COPY_BYTES = 4096  # mean bytes per run from which runs are copied one by one
-_MAX_PIECES = 4  # a carried episode's pieces are joined beyond this (bounds the pools kept alive)
-
-
-def _carried_pool(spans: Sequence[_Span], field: str, num_leaves: int) -> list[np.ndarray | None]:
-    """Per leaf, the carried pieces of ``spans`` (those continuing an episode) back to back."""
-    pool: list[np.ndarray | None] = []
-    for j in range(num_leaves):
-        pieces = [p for sp in spans if sp.base is not None for p in getattr(sp.base, field)[j]]
-        pool.append(np.concatenate(pieces, axis=0) if pieces else None)
-    return pool
-
-
-def _span_arrays(spans: Sequence[_Span]) -> tuple[np.ndarray, ...]:
-    n = len(spans)
-    env = np.fromiter((sp.env for sp in spans), np.int64, count=n)
-    start = np.fromiter((sp.start for sp in spans), np.int64, count=n)
-    stop = np.fromiter((sp.stop for sp in spans), np.int64, count=n)
-    reset_row = np.fromiter((sp.reset_row for sp in spans), np.int64, count=n)
-    return env, start, stop, reset_row
-
-
-def _carry_tails(
-    chunk: HostChunk, tails: list[_Span | OpenEpisode | None]
-) -> list[OpenEpisode | None]:
-    """The new carry: every tail span's rows gathered into one new pool per leaf (never a view
-    of ``chunk``); each carried episode keeps its old pieces plus a slice of the pool."""
-    spans = [t for t in tails if isinstance(t, _Span)]
-    if not spans:
-        return [t if isinstance(t, OpenEpisode) else None for t in tails]
-    env, start, stop, reset_row = _span_arrays(spans)
-    fresh = reset_row >= 0
-    step_len = stop - start
-    zero = np.zeros(len(spans), np.int64)
-    reset_rows = (zero, env, np.maximum(reset_row, 0), fresh.astype(np.int64))
-    obs_plan = _Plan.episodes(reset_rows, 1, env, start, step_len)
-    data_plan = _Plan.episodes((zero, env, zero, zero), 2, env, start, step_len)
-    obs_pool = [
-        obs_plan.gather((s_leaf, r_leaf, None), s_leaf)
-        for s_leaf, r_leaf in zip(chunk.step_observations, chunk.reset_observations, strict=True)
-    ]
-    data_pool = [data_plan.gather((leaf, None, None), leaf) for leaf in chunk.step_data]
-    obs_at = np.concatenate([[0], np.cumsum(fresh + step_len)]).tolist()
-    data_at = np.concatenate([[0], np.cumsum(step_len)]).tolist()
-
-    def pieces(old: list[np.ndarray], new: np.ndarray) -> list[np.ndarray]:
-        joined = [*old, new] if len(new) else list(old)
-        return [np.concatenate(joined, axis=0)] if len(joined) > _MAX_PIECES else joined
-
-    out: list[OpenEpisode | None] = []
-    k = 0
-    for tail in tails:
-        if not isinstance(tail, _Span):
-            out.append(tail)
-            continue
-        base = tail.base
-        obs = [x[obs_at[k] : obs_at[k + 1]] for x in obs_pool]
-        data = [x[data_at[k] : data_at[k + 1]] for x in data_pool]
-        k += 1
-        out.append(
-            OpenEpisode(
-                tail.start_number,
-                tail.next_number,
-                [pieces(base.observations[j] if base else [], x) for j, x in enumerate(obs)],
-                [pieces(base.data[j] if base else [], x) for j, x in enumerate(data)],
-            )
-        )
-    return out
-
-
-def cut_columns(
-    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[CutColumns, list[OpenEpisode | None]]:
-    """Cuts complete episodes out of one flush's rows into packed columns. Pure numpy.
-
-    One gather per leaf for all episodes: episodes that started in this chunk take their reset
-    observation from the reset rows, episodes continuing a carried one take their first rows
-    from a pool of the carried pieces; no per-episode array is made.
-
-    Args:
-        chunk: The rows of ``B`` environments.
-        carry: Per environment, its unfinished episode from the previous flush (or ``None``);
-            ignored where ``chunk.fresh``. May be shorter than ``B`` (missing = ``None``).
-
-    Returns:
-        The complete, fully recorded episodes in environment then time order, and the new
-        carry (length ``B``). No returned array aliases ``chunk``.
-
-    Example:
-        >>> chunk = HostChunk(
-        ...     step_number=np.array([[0, 1]], np.uint32), last=np.array([[False, True]]),
-        ...     discount=np.array([[1.0, 0.0]]), num_steps=np.array([2]),
-        ...     step_observations=[np.array([[1.0, 2.0]])], step_data=[np.array([[5, 6]])],
-        ...     reset_number=np.array([[0, 2]], np.uint32), num_resets=np.array([2]),
-        ...     reset_observations=[np.array([[0.0, 9.0]])], end_number=np.array([2], np.uint32),
-        ...     fresh=np.array([True]))
-        >>> cut, new_carry = cut_columns(chunk, [None])
-        >>> cut.observations[0].tolist(), cut.n_tuples.tolist(), cut.terminated.tolist()
-        ([0.0, 1.0, 2.0], [2], [True])
-    """
-    spans, tails = _spans(chunk, carry)
-    n = len(spans)
-    env, start, stop, reset_row = _span_arrays(spans)
-    numbers = np.fromiter((sp.start_number for sp in spans), np.int64, count=n)
-    is_carried = reset_row < 0
-    carried_obs = np.zeros(n, np.int64)
-    carried_data = np.zeros(n, np.int64)
-    carried = [sp.base for sp in spans if sp.base is not None]
-    if carried:
-        carried_obs[is_carried] = [sum(len(p) for p in ep.observations[0]) for ep in carried]
-        carried_data[is_carried] = [ep.length for ep in carried]
-    obs_pool = _carried_pool(spans, "observations", len(chunk.step_observations))
-    data_pool = _carried_pool(spans, "data", len(chunk.step_data))
-    step_len = stop - start
-    # Observations: the reset row (new episode) or the carried rows (pool), then step rows.
-    obs_plan = _observation_plan(is_carried, carried_obs, reset_row, env, start, step_len)
-    observations = [
-        obs_plan.gather((s_leaf, r_leaf, pool), s_leaf)
-        for s_leaf, r_leaf, pool in zip(
-            chunk.step_observations, chunk.reset_observations, obs_pool, strict=True
-        )
-    ]
-    pooled = (env, env, np.cumsum(carried_data) - carried_data, carried_data)
-    data_plan = _Plan.episodes(pooled, 2, env, start, step_len)
-    data = [
-        data_plan.gather((leaf, None, pool), leaf)
-        for leaf, pool in zip(chunk.step_data, data_pool, strict=True)
-    ]
-    last_rows = chunk.discount[env, stop - 1]
-    terminated = np.all((last_rows == 0).reshape(n, -1), axis=1) if n else np.zeros(0, bool)
-    cut = CutColumns(observations, data, carried_data + step_len, terminated, env, numbers)
-    return cut, _carry_tails(chunk, tails)
-
-
-def _observation_plan(
-    is_carried: np.ndarray,
-    carried_obs: np.ndarray,
-    reset_row: np.ndarray,
-    env: np.ndarray,
-    start: np.ndarray,
-    step_len: np.ndarray,
-) -> _Plan:
-    """Observation rows of the complete episodes: a carried episode's rows from the pool (in
-    span order), a new episode's reset row, then the step rows."""  # fmt: skip
-    new = ~is_carried
-    prefix = np.where(is_carried, carried_obs, 1)
-    per = prefix + step_len
-    first = np.cumsum(per) - per
-    pooled = np.where(is_carried, carried_obs, 0)
-    pool_start = np.cumsum(pooled) - pooled
-    return _Plan.from_segments(
-        int(per.sum()),
-        (
-            (first + prefix, env, start, step_len),
-            (first[new], env[new], reset_row[new], np.ones(int(new.sum()), np.int64)),
-            (first[is_carried], env[is_carried], pool_start[is_carried], carried_obs[is_carried]),
-        ),
-    )
-
-
-def cut_episodes(
-    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[list[CutEpisode], list[OpenEpisode | None]]:
-    """:func:`cut_columns`, split into one :class:`CutEpisode` per episode (views).
-
-    Args:
-        chunk: The rows of ``B`` environments.
-        carry: As in :func:`cut_columns`.
-
-    Returns:
-        The complete episodes in environment then time order, and the new carry.
-
-    Example:
-        >>> chunk = HostChunk(
-        ...     step_number=np.array([[0, 1]], np.uint32), last=np.array([[False, True]]),
-        ...     discount=np.array([[1.0, 0.0]]), num_steps=np.array([2]),
-        ...     step_observations=[np.array([[1.0, 2.0]])], step_data=[np.array([[5, 6]])],
-        ...     reset_number=np.array([[0, 2]], np.uint32), num_resets=np.array([2]),
-        ...     reset_observations=[np.array([[0.0, 9.0]])], end_number=np.array([2], np.uint32),
-        ...     fresh=np.array([True]))
-        >>> episodes, new_carry = cut_episodes(chunk, [None])
-        >>> episodes[0].observations[0].tolist(), episodes[0].terminated, new_carry[0].length
-        ([0.0, 1.0, 2.0], True, 0)
-    """
-    cut, new_carry = cut_columns(chunk, carry)
-    lengths = cut.n_tuples
-    step_at = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    obs_at = np.concatenate([[0], np.cumsum(lengths + 1)]).tolist()
-    episodes = [
-        CutEpisode(
-            env_index=int(cut.env_index[i]),
-            start_number=int(cut.start_number[i]),
-            observations=[x[obs_at[i] : obs_at[i + 1]] for x in cut.observations],
-            data=[x[step_at[i] : step_at[i + 1]] for x in cut.data],
-            terminated=bool(cut.terminated[i]),
-            truncated=not bool(cut.terminated[i]),
-        )
-        for i in range(len(cut))
-    ]
-    return episodes, new_carry
 
 
 @dataclasses.dataclass
@@ -597,7 +144,7 @@ class Flusher:
         self.data_treedef: Any = jax.tree.structure(data)
         self._data_leaves: list[Any] = jax.tree.leaves(data)
         self._carries: dict[int, list[OpenEpisode | None]] = {}
-        self._next_token = 1 + secrets.randbelow(_MOD - 1)
+        self._next_token = 1 + secrets.randbelow(MOD - 1)
         # fetch (main thread) and write (a pipeline's writer thread) may run concurrently; the
         # lock is never held during device transfers or storage I/O.
         self._lock = threading.RLock()
@@ -605,7 +152,7 @@ class Flusher:
     def _issue_token(self) -> int:
         with self._lock:
             token = self._next_token
-            self._next_token = token % (_MOD - 1) + 1  # never 0, the "fresh from reset" token
+            self._next_token = token % (MOD - 1) + 1  # never 0, the "fresh from reset" token
         return token
 
     # -- fetch ----------------------------------------------------------------------------
@@ -823,9 +370,9 @@ class Flusher:
                 entry[str(b)] = {
                     "start_number": ep.start_number,
                     "next_number": ep.next_number,
-                    "observations": [_concat(p) for p in ep.observations],
+                    "observations": [concat(p) for p in ep.observations],
                     "data": [
-                        _concat(p) if p else np.zeros((0, *leaf.shape), leaf.dtype)
+                        concat(p) if p else np.zeros((0, *leaf.shape), leaf.dtype)
                         for p, leaf in zip(ep.data, self._data_leaves, strict=True)
                     ],
                 }

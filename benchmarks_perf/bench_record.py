@@ -10,8 +10,8 @@ transitions (``steps = transitions / B`` per env, in chunks of ``--capacity`` st
   rollout, device-to-host transfer, cutting episodes, Arrow shards, SQLite catalog, fsync; its
   wall time minus ``RecordResult.compile_seconds`` (so it includes storing the benchmark,
   resetting the envs, the final drain and the count). The first call in the process is
-  reported apart (``first call``): it also pays for compiling the eager ``vmap(reset)`` ops,
-  which ``compile_seconds`` does not count.
+  reported apart (``first call``): it also pays for first-use costs that ``compile_seconds``
+  does not count (the flush's small slice programs, fresh host memory).
 
 Reported per env: medians over ``--repeats`` (unrecorded and recorded runs interleaved; the
 ratio is the median of per-repeat ratios, with the ratio of the best times in parentheses, which

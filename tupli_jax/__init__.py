@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from tupli_jax.episode import EpisodeData
+from tupli_jax.episode import EpisodeBatch, EpisodeData
 from tupli_jax.schema import (
     ArtifactMetadata,
     ArtifactMetadataItem,
@@ -66,6 +66,7 @@ __all__ = [
     "BenchmarkMetadata",
     "BenchmarkQuery",
     "Episode",
+    "EpisodeBatch",
     "EpisodeData",
     "EpisodeHeader",
     "EpisodeItem",

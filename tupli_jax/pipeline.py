@@ -113,15 +113,26 @@ class _Carry:
 
 
 def _make_chunk(rec: RecordingWrapper, policy: Policy, num_envs: int, length: int) -> Any:
-    """``jit(chunk, donate_argnums=0)``: ``length`` steps of ``num_envs`` envs in one scan."""
+    """``jit(chunk, donate_argnums=(0, 2))``: ``length`` steps of ``num_envs`` envs in one scan.
+
+    ``chunk(carry, observation, rows)`` writes step ``t``'s rows of all envs into ``rows``
+    (``(words [T, B, Ws], large leaves [T, B, n_i])``, see :func:`_empty_rows`) at index ``t``:
+    one ``dynamic_update_slice`` per array at the scan's shared index, in place (donated), so a
+    chunk neither scatters per env nor allocates (and page-faults) a new output each call.
+    """
     step = jax.vmap(rec._step_emitting_row)
     act = jax.vmap(policy)
 
-    def one_step(carry: tuple[_Carry, Any], _: None) -> tuple[tuple[_Carry, Any], Any]:
-        c, observation = carry
+    def one_step(carry: tuple[_Carry, Any, Any], t: jax.Array) -> tuple[Any, Any]:
+        c, observation, rows = carry
         key, act_key = jax.random.split(c.key)
         action = act(jax.random.split(act_key, num_envs), observation)
-        recorder, timestep, row = step(c.recorder, action)
+        recorder, timestep, (words, big) = step(c.recorder, action)
+        rows = jax.tree.map(
+            lambda buf, row: jax.lax.dynamic_update_slice_in_dim(buf, row[None], t, axis=0),
+            rows,
+            (words, tuple(big)),
+        )
         episode_return = c.episode_return + timestep.reward.astype(jnp.float32)
         episode_length = c.episode_length + 1
         last = timestep.last()
@@ -133,17 +144,23 @@ def _make_chunk(rec: RecordingWrapper, policy: Policy, num_envs: int, length: in
             episode_return=jnp.where(last, zero_f, episode_return),
             episode_length=jnp.where(last, zero_i, episode_length),
         )
-        return (new, timestep.observation), (out, row)
+        return (new, timestep.observation, rows), out
 
-    def chunk(carry: _Carry, observation: Any) -> tuple[_Carry, Any]:
-        # The step rows are scan outputs: stacked time-major [T, B, ...], each step written at
-        # the scan's index for all envs at once (cheaper than a per-env scatter into the carry).
-        (carry, observation), (outs, rows) = jax.lax.scan(
-            one_step, (carry, observation), None, length=length
+    def chunk(carry: _Carry, observation: Any, rows: Any) -> tuple[_Carry, Any]:
+        (carry, observation, rows), outs = jax.lax.scan(
+            one_step, (carry, observation, rows), jnp.arange(length)
         )
         return carry, (observation, outs, rows)
 
-    return jax.jit(chunk, donate_argnums=0)
+    return jax.jit(chunk, donate_argnums=(0, 2))
+
+
+def _empty_rows(rec: RecordingWrapper, num_envs: int, length: int) -> Any:
+    """Time-major step-row storage of one chunk: ``(words [T, B, Ws], big [T, B, n_i])``."""
+    codec = rec.buffer_spec.step_codec
+    words = jnp.zeros((length, num_envs, codec.num_words), jnp.uint32)
+    big = tuple(jnp.zeros((length, num_envs, s.size), s.dtype) for s in codec.big_slots)
+    return words, big
 
 
 class _Writer:
@@ -159,25 +176,46 @@ class _Writer:
         self.episodes = episodes  # stored by this job so far (a resumed job starts from its
         self.transitions = transitions  # checkpoint's counts; replayed batches count once)
         self._lock = threading.Lock()
+        self._written = threading.Condition(self._lock)
+        self._handled = -1  # the last chunk index handled (written, or failed)
         self._thread = threading.Thread(target=self._loop, name="tupli-jax-writer", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
+            stop = item is None
+            chunk_index = -1
             try:
-                if item is not None and self._error is None:
+                if item is not None:
                     chunk_index, pending = item
-                    headers = self._rec.write(pending, batch_id=f"{self._run_id}:{chunk_index}")
-                    with self._lock:
-                        self.episodes += len(headers)
-                        self.transitions += sum(h.n_tuples for h in headers)
+                    item = None
+                    if self._error is None:
+                        headers = self._rec.write(
+                            pending, batch_id=f"{self._run_id}:{chunk_index}"
+                        )
+                        with self._lock:
+                            self.episodes += len(headers)
+                            self.transitions += sum(h.n_tuples for h in headers)
+                    # Drop every host view of the chunk's rows before saying so: their device
+                    # buffers are donated to a later chunk, which copies them if a view lives.
+                    del pending
             except BaseException as e:  # reported to the main thread on the next put / drain
                 self._error = e
             finally:
+                with self._written:
+                    self._handled = max(self._handled, chunk_index)
+                    self._written.notify_all()
                 self._queue.task_done()
-            if item is None:
+            if stop:
                 return
+
+    def wait_written(self, chunk_index: int) -> None:
+        """Blocks until chunk ``chunk_index`` was written (or writing failed)."""
+        with self._written:
+            while self._handled < chunk_index and self._error is None:
+                self._written.wait()
+        self._raise()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -374,6 +412,9 @@ def record(
             checkpointer.save(0, (carry, observation), _host_state(rec, run_id, 0, chunks, None))
 
     compiled: dict[int, Any] = {}
+    # Two step-row stores per chunk length: the device fills one while the writer reads the
+    # other (double buffering); a store is reused once the chunk it held is written.
+    spare_rows: dict[int, list[tuple[int, Any]]] = {}
     out = _Writer(rec, run_id, *counts)
     bar = _Progress(progress, num_envs * num_steps, storage)
     logged: tuple[Any, int] | None = None
@@ -382,12 +423,20 @@ def record(
         done_steps = sum(chunks[:start_chunk])
         for index in range(start_chunk, len(chunks)):
             length = chunks[index]
+            spares = spare_rows.setdefault(length, [])
+            if len(spares) < 2:
+                rows_in = _empty_rows(rec, num_envs, length)
+            else:
+                written_index, rows_in = spares.pop(0)
+                out.wait_written(written_index)
             if length not in compiled:
                 t0 = time.perf_counter()
                 fn = _make_chunk(rec, policy, num_envs, length)
-                compiled[length] = fn.lower(carry, observation).compile()
+                compiled[length] = fn.lower(carry, observation, rows_in).compile()
                 compile_seconds += time.perf_counter() - t0
-            carry, (observation, outs, rows) = compiled[length](carry, observation)
+            carry, (observation, outs, rows) = compiled[length](carry, observation, rows_in)
+            del rows_in
+            spares.append((index + 1, rows))
             # Reset-row counts read from the device (waits for this chunk, which the next one
             # needs anyway): only the reset rows actually written are copied, not all C + 1.
             recorder_state, pending = rec._fetch(carry.recorder, rows)

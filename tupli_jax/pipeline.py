@@ -1,11 +1,14 @@
 """``record``: a whole recording job, from a jumanji env to episodes in a store.
 
 The rollout runs one jitted ``lax.scan`` of ``chunk`` steps per call over ``num_envs`` vmapped
-environments with the recorder state donated, so the buffer is updated in place. After each chunk
-the host starts the device-to-host copy (``RecordingWrapper.fetch``) and hands it to a writer
-thread, which cuts and stores the episodes while the device computes the next chunk: the host
-never waits for the device, nor the device for the disk, unless the disk is the bottleneck (the
-queue holds one chunk).
+environments with the recorder state donated, so it is updated in place. The recorder keeps no
+step rows itself: every step's rows of all envs go into a time-major ``[T, B, ...]`` store at the
+scan's index (one ``dynamic_update_slice`` per array, no per-env scatter). There are two such
+stores (double buffering): after chunk k the host hands its store, zero-copy, with the few reset
+rows the recorder wrote (``RecordingWrapper._fetch``) to a writer thread, which cuts and stores
+the episodes while the device computes chunk k + 1 into the other store; chunk k + 2 reuses the
+first store once the writer is done with it. The host never waits for the device, nor the device
+for the disk, unless the disk is the bottleneck.
 
 Exactly once across restarts: every chunk is written as a store batch with id
 ``<run>:<chunk>``; with ``checkpoint_dir`` the job saves the recorder state, keys, counters, the

@@ -10,8 +10,8 @@ Device only (no flush; one scan of ``--steps`` steps, outputs blocked on):
 - ``recorder``: ``tj.RecordingWrapper(env, capacity=steps)`` vmapped by the caller (per-env
   step rows written into the buffer: one scatter per step), buffer filled, never flushed;
 - ``time-major``: ``tj.record``'s own chunk (``pipeline._make_chunk``): a recorder without
-  step storage whose step rows are ``lax.scan`` outputs, ``[T, B, ...]`` written at the scan's
-  shared index (no scatter); its reset rows stay in the per-env buffer;
+  step storage whose step rows go into a donated ``[T, B, ...]`` store at the scan's shared
+  index (no scatter, no new allocation per chunk); its reset rows stay in the per-env buffer;
 - ``flashbax``: the ``unrecorded`` rollout plus ``flashbax.make_trajectory_buffer(...).add`` of
   each step's transition ``{obs, action, reward, discount, last, next_obs}`` (the smallest
   complete record a fixed-layout trajectory buffer allows: with auto-reset, the step's
@@ -114,7 +114,7 @@ def _flashbax(env: Any, num_envs: int, length: int) -> tuple[Callable[[], Any], 
 
 def prepare_time_major(env: Any, num_envs: int, steps: int) -> Prepared:
     """``tj.record``'s chunk: same policy and bookkeeping, step rows as scan outputs."""
-    from tupli_jax.pipeline import _Carry, _make_chunk, uniform_policy
+    from tupli_jax.pipeline import _Carry, _empty_rows, _make_chunk, uniform_policy
 
     rec = tj.RecordingWrapper(env, capacity=steps)
     rec._keep_step_rows_outside()
@@ -124,11 +124,11 @@ def prepare_time_major(env: Any, num_envs: int, steps: int) -> Prepared:
         key, reset_key = jax.random.split(key)
         state, ts = jax.vmap(rec.reset)(jax.random.split(reset_key, num_envs))
         zeros = jnp.zeros(num_envs, jnp.float32), jnp.zeros(num_envs, jnp.int32)
-        return _Carry(state, key, *zeros), ts.observation
+        return _Carry(state, key, *zeros), ts.observation, _empty_rows(rec, num_envs, steps)
 
     def run(c: Any) -> tuple[Any, Any]:
         carry, (observation, outs, rows) = chunk(*c)
-        return (carry, observation), (outs, rows)
+        return (carry, observation, rows), outs
 
     init_j = jax.jit(init)
     carry = jax.block_until_ready(init_j(jax.random.PRNGKey(0)))

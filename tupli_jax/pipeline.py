@@ -194,9 +194,7 @@ class _Writer:
                     chunk_index, pending = item
                     item = None
                     if self._error is None:
-                        headers = self._rec.write(
-                            pending, batch_id=f"{self._run_id}:{chunk_index}"
-                        )
+                        headers = self._rec.write(pending, batch_id=f"{self._run_id}:{chunk_index}")
                         with self._lock:
                             self.episodes += len(headers)
                             self.transitions += sum(h.n_tuples for h in headers)

@@ -325,8 +325,10 @@ def write_episode_batch(
         return _commit(layout, catalog, lengths, None, created_by, batch_id)
 
     def prepare() -> _Prepared:
-        metadata = batch.metadata if batch.metadata is not None else [{}] * n
-        docs = cat.normalize_documents(metadata, "metadata of episode {}")
+        if batch.metadata is None:  # no metadata: nothing to encode or index
+            docs = cat.Documents(["{}"] * n, [{} for _ in range(n)], [], [False] * n)
+        else:
+            docs = cat.normalize_documents(batch.metadata, "metadata of episode {}")
         bench = {cat.check_id(batch.benchmark_id, "benchmark", layout.root)}
         return _Prepared(docs, bench, lambda: _Rows.of_batch(batch))
 

@@ -1,31 +1,44 @@
 """Gymnasium recording speed: raw env vs pytupli vs Minari vs tupli_jax (same episodes, one run).
 
-Single env: the same seeded CartPole-v1 episodes with the same actions are run through
+Single env: the same seeded CartPole-v1 episodes (seeds ``0 .. --episodes - 1``) with the same
+pre-drawn actions are run through
 
-- the raw gymnasium env (no recording),
-- pytupli's ``TupliEnvWrapper`` + pytupli's ``FileStorage``,
-- Minari's ``DataCollector`` (``create_dataset`` at the end, in a temporary directory),
-- tupli_jax's ``TupliEnvWrapper`` + ``FileStorage`` (``close()`` at the end, so every episode is
-  on disk inside the timed region).
+- ``raw gymnasium``: the env exactly as ``gymnasium.make("CartPole-v1")`` returns it
+  (``TimeLimit(OrderEnforcing(PassiveEnvChecker(CartPoleEnv)))``), no recording. The recorded
+  paths below wrap this same stack, so gymnasium's own wrappers are on both sides.
+- ``raw, serialized``: the same env after ``tupli_jax.benchmark.serialize_env(env)``, which is
+  what ``store()`` does to the env in both pytupli's and tupli_jax's wrapper (pytupli:
+  ``jsonpickle.encode``). On CPython 3.11 reading an object's ``__dict__`` (jsonpickle, pickle,
+  ``copy``, ``vars``) materialises its instance dict for good, and attribute and method loads on
+  it stop being specialised: CartPole's step then runs ~17% more instructions (callgrind). This
+  is the like-for-like baseline of the wrapper's own cost; the plain raw env is the user's
+  baseline. Both ratios are printed.
+- pytupli's ``TupliEnvWrapper`` + pytupli's ``FileStorage`` (one JSON file per episode);
+- Minari's ``DataCollector`` (``create_dataset`` at the end, in a temporary directory; slow, so
+  ``--minari-repeats`` runs only);
+- tupli_jax's ``TupliEnvWrapper`` + ``FileStorage`` (``close()`` inside the timed region, so
+  every episode is on disk, fsynced, when the clock stops).
 
 Vector envs: CartPole with ``--num-envs`` sub-envs, numpy-vectorised
 (``make_vec(..., vectorization_mode="vector_entry_point")``) and ``SyncVectorEnv``, raw vs
-recorded with ``TupliVectorEnvWrapper``.
+recorded with ``TupliVectorEnvWrapper`` (``close()`` timed), the same seeded actions.
 
 Shard write path: ``--shard-episodes`` CartPole-sized episodes (9-59 steps) written with
 ``group_by_structure`` + ``write_shard`` (what ``FileStorage.record_episodes`` calls),
 ``write_shards`` (one walk per episode) and ``write_shard_columns`` (packed columns, no episode
 objects), next to the whole ``FileStorage.record_episodes`` (shards + catalog), per episode.
 
-Each figure is the median of ``--repeats`` runs (the recorders are interleaved in each repeat so
-that machine noise hits all of them alike). Wall-clock time is the figure; CPU time of this
-process is printed next to it because on a shared machine other processes stretch wall time
-(CPU time leaves out waiting for fsync, so it flatters the recorders a little). Targets:
-tupli_jax <= 1.5x the raw env's time and >= 5x pytupli's speed; vector recording >= 200k
-recorded steps/s.
+Every runner is timed ``--repeats`` times, interleaved (each repeat runs every runner once, in a
+rotating order, so that machine noise hits all of them alike), each run in a fresh interpreter
+(see ``_interleaved``). Printed: median steps/s and ratios of median times; "best" is the ratio
+of the fastest runs (what the code costs when the shared machine lets it run). Wall-clock time
+is the figure; CPU time of the run's process is printed next to it because on a shared machine
+other processes stretch wall time (CPU time leaves out waiting for fsync, so it flatters
+tupli_jax a little). Targets (issue 4): tupli_jax <= 1.5x the raw env's
+time and >= 5x pytupli's speed; vector recording >= 200k recorded steps/s.
 
 Usage:
-    PYTHONPATH=. python benchmarks_perf/bench_gym.py --episodes 300 --repeats 3
+    PYTHONPATH=. python benchmarks_perf/bench_gym.py --episodes 1000 --repeats 7
 """
 
 from __future__ import annotations
@@ -33,9 +46,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -46,6 +62,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
+from tupli_jax.benchmark import serialize_env
 from tupli_jax.episode import EpisodeData
 from tupli_jax.gym import FileStorage, TupliEnvWrapper, TupliVectorEnvWrapper
 from tupli_jax.storage.shards import (
@@ -57,7 +74,8 @@ from tupli_jax.storage.shards import (
 
 
 class TimedFileStorage(FileStorage):
-    """``FileStorage`` that adds up the time spent in ``record_episodes`` (the disk writes)."""
+    """``FileStorage`` that adds up the time spent writing episodes (``record_episodes`` and
+    ``record_episode_batch``: shards, fsyncs, catalog)."""
 
     write_s = 0.0
 
@@ -65,6 +83,13 @@ class TimedFileStorage(FileStorage):
         start = time.perf_counter()
         try:
             return super().record_episodes(*args, **kwargs)
+        finally:
+            TimedFileStorage.write_s += time.perf_counter() - start
+
+    def record_episode_batch(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return super().record_episode_batch(*args, **kwargs)
         finally:
             TimedFileStorage.write_s += time.perf_counter() - start
 
@@ -95,20 +120,31 @@ class _Clock:
         self.wall, self.cpu = time.perf_counter(), time.process_time()
 
     def stop(self, steps: int) -> Run:
-        return Run(time.perf_counter() - self.wall, time.process_time() - self.cpu, steps)
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return Run(wall, cpu, steps, TimedFileStorage.write_s)
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One timed run: wall and CPU seconds, and the steps (or episodes) it did."""
+    """One timed run: wall and CPU seconds, the steps (or episodes) it did and the seconds of
+    it spent in ``TimedFileStorage`` writes."""
 
     wall: float
     cpu: float
     steps: int
+    write_s: float = 0.0
 
 
 def run_raw(seeds: list[int], actions: np.ndarray) -> Run:
     env = gymnasium.make("CartPole-v1")
+    clock = _Clock()
+    steps = _episodes(env, seeds, actions)
+    return clock.stop(steps)
+
+
+def run_raw_serialized(seeds: list[int], actions: np.ndarray) -> Run:
+    env = gymnasium.make("CartPole-v1")
+    serialize_env(env)  # what store() does to the env (see the module docs)
     clock = _Clock()
     steps = _episodes(env, seeds, actions)
     return clock.stop(steps)
@@ -158,7 +194,9 @@ def run_minari(seeds: list[int], actions: np.ndarray) -> Run:
     return run
 
 
-def run_vector(mode: str, num_envs: int, steps: int, record: bool) -> Run:
+def run_vector(mode: str, actions: np.ndarray, record: bool) -> Run:
+    """``actions [steps, num_envs]`` through a ``make_vec`` CartPole, raw or recorded."""
+    steps, num_envs = actions.shape
     with _tmpdir() as tmp:
         vec = gymnasium.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode=mode)
         env: Any = vec
@@ -167,7 +205,6 @@ def run_vector(mode: str, num_envs: int, steps: int, record: bool) -> Run:
                 vec, TimedFileStorage(tmp / "store"), benchmark_env=gymnasium.make("CartPole-v1")
             )
             env.store(name=f"cartpole-vec-{mode}")
-        actions = np.random.default_rng(0).integers(0, 2, size=(steps, num_envs))
         env.reset(seed=0)
         clock = _Clock()
         for action in actions:
@@ -175,6 +212,8 @@ def run_vector(mode: str, num_envs: int, steps: int, record: bool) -> Run:
         if record:
             env.close()
         run = clock.stop(steps * num_envs)
+        if record:
+            assert len(env.storage.list_episodes()) > 0
     return run
 
 
@@ -238,11 +277,91 @@ def shard_write_costs(n_episodes: int, repeats: int) -> dict[str, Run]:
     return {name: _median(r) for name, r in runs.items()}
 
 
+def _single(fn: Callable[[list[int], np.ndarray], Run]) -> Callable[[argparse.Namespace], Run]:
+    def run(args: argparse.Namespace) -> Run:
+        seeds = list(range(args.episodes))
+        actions = np.random.default_rng(0).integers(0, 2, size=500 * args.episodes)
+        return fn(seeds, actions)
+
+    return run
+
+
+def _vector(record: bool) -> Callable[[argparse.Namespace], Run]:
+    def run(args: argparse.Namespace) -> Run:
+        actions = np.random.default_rng(0).integers(0, 2, size=(args.vector_steps, args.num_envs))
+        return run_vector(args.vector_mode, actions, record)
+
+    return run
+
+
+WORKERS: dict[str, Callable[[argparse.Namespace], Run]] = {
+    "raw gymnasium": _single(run_raw),
+    "raw, serialized": _single(run_raw_serialized),
+    "tupli_jax TupliEnvWrapper": _single(run_tupli_jax),
+    "pytupli TupliEnvWrapper": _single(run_pytupli),
+    "minari DataCollector": _single(run_minari),
+    "vector raw": _vector(False),
+    "vector recorded": _vector(True),
+}
+"""The timed runs, each run by ``--worker NAME`` in a fresh interpreter."""
+
+
+def _spawn(name: str, args: argparse.Namespace, extra: list[str] | None = None) -> Run:
+    """Runs worker ``name`` once in a fresh interpreter (see ``_interleaved``)."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        name,
+        "--episodes",
+        str(args.episodes),
+        "--num-envs",
+        str(args.num_envs),
+        "--vector-steps",
+        str(args.vector_steps),
+        *(extra or []),
+    ]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {name!r} failed:\n{done.stdout}\n{done.stderr}")
+    return Run(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _interleaved(
+    names: list[str],
+    args: argparse.Namespace,
+    limits: dict[str, int] | None = None,
+    extra: list[str] | None = None,
+) -> dict[str, list[Run]]:
+    """Runs every worker ``args.repeats`` times (``limits`` caps some) in a rotating order,
+    each run in a fresh interpreter: CPython's specialising interpreter shares its per-function
+    state between all objects in a process, so a serialized env (unspecialised attribute loads)
+    would slow down a fresh one run in the same process, and the other way round."""
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    for k in range(args.repeats):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            if len(runs[name]) < (limits or {}).get(name, args.repeats):
+                runs[name].append(_spawn(name, args, extra))
+    return runs
+
+
+def _ratio(runs: list[Run], base: list[Run], how: str = "wall") -> float:
+    """``time(runs) / time(base)``: medians of wall (``"wall"``) or CPU (``"cpu"``) seconds, or
+    the fastest wall times (``"best"``)."""
+    if how == "best":
+        return min(r.wall for r in runs) / min(b.wall for b in base)
+    median = statistics.median
+    return median(getattr(r, how) for r in runs) / median(getattr(b, how) for b in base)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Runs the benchmark, prints the tables and returns the figures (steps/s by name)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--episodes", type=int, default=300, help="CartPole episodes per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per recorder (median)")
+    parser.add_argument("--episodes", type=int, default=1000, help="CartPole episodes per run")
+    parser.add_argument("--repeats", type=int, default=7, help="runs per recorder (median)")
+    parser.add_argument("--minari-repeats", type=int, default=1, help="runs of Minari (slow)")
     parser.add_argument("--num-envs", type=int, default=64, help="sub-envs of the vector env")
     parser.add_argument("--vector-steps", type=int, default=2000, help="vector steps per run")
     parser.add_argument(
@@ -250,47 +369,49 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("--skip-minari", action="store_true", help="leave Minari out")
     parser.add_argument("--skip-pytupli", action="store_true", help="leave pytupli out")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--vector-mode", default="vector_entry_point", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.worker:  # one timed run in this (fresh) interpreter, printed as JSON
+        print(json.dumps(dataclasses.asdict(WORKERS[args.worker](args))))
+        return {}
+    print(f"load average before: {os.getloadavg()}")
 
-    seeds = list(range(args.episodes))
-    actions = np.random.default_rng(0).integers(0, 2, size=500 * args.episodes)
-    single: dict[str, Callable[[list[int], np.ndarray], Run]] = {
-        "raw gymnasium": run_raw,
-        "tupli_jax TupliEnvWrapper": run_tupli_jax,
-    }
+    names = ["raw gymnasium", "raw, serialized", "tupli_jax TupliEnvWrapper"]
     if not args.skip_pytupli:
-        single["pytupli TupliEnvWrapper"] = run_pytupli
+        names.append("pytupli TupliEnvWrapper")
     if not args.skip_minari:
-        single["minari DataCollector"] = run_minari
-    runs: dict[str, list[Run]] = {name: [] for name in single}
-    write_shares = []
-    for _ in range(args.repeats):
-        for name, fn in single.items():
-            TimedFileStorage.write_s = 0.0
-            runs[name].append(fn(seeds, actions))
-            if name == "tupli_jax TupliEnvWrapper":
-                write_shares.append(TimedFileStorage.write_s / runs[name][-1].wall)
-    results = {name: _median(r) for name, r in runs.items()}
-    raw = results["raw gymnasium"]
-    pyt = results.get("pytupli TupliEnvWrapper")
+        names.append("minari DataCollector")
+    runs = _interleaved(names, args, {"minari DataCollector": args.minari_repeats})
+    raw, ser = runs["raw gymnasium"], runs["raw, serialized"]
+    pyt = runs.get("pytupli TupliEnvWrapper")
     figures: dict[str, float] = {}
-    print(f"\nCartPole-v1, {args.episodes} episodes, {raw.steps} steps, median of {args.repeats}")
+    steps = raw[0].steps
+    print(f"\nCartPole-v1, {args.episodes} episodes, {steps} steps, medians of {args.repeats}")
     print(
-        f"{'recorder':<28}{'steps/s':>10}{'time vs raw':>13}{'vs pytupli':>12}"
-        f"{'| CPU: vs raw':>14}{'vs pytupli':>12}"
+        f"{'runner':<27}{'steps/s':>9}{'time vs raw':>12}{'(best)':>8}{'vs raw ser.':>12}"
+        f"{'vs pytupli':>11}{'(best)':>8}{'| CPU: vs raw':>14}{'vs pytupli':>11}"
     )
-    for name, run in results.items():
-        assert run.steps == raw.steps, "every recorder must run the same steps"
-        vs_pyt = f"{pyt.wall / run.wall:.2f}x" if pyt else "-"
-        cpu_vs_pyt = f"{pyt.cpu / run.cpu:.2f}x" if pyt else "-"
+    for name, rs in runs.items():
+        assert all(r.steps == steps for r in rs), "every runner must run the same steps"
+        wall = statistics.median(r.wall for r in rs)
+        speed = f"{_ratio(pyt, rs):.2f}x" if pyt else "-"
+        best_speed = f"{_ratio(pyt, rs, 'best'):.2f}x" if pyt else "-"
+        cpu_speed = f"{_ratio(pyt, rs, 'cpu'):.2f}x" if pyt else "-"
         print(
-            f"{name:<28}{run.steps / run.wall:>10,.0f}{run.wall / raw.wall:>12.2f}x"
-            f"{vs_pyt:>12}{run.cpu / raw.cpu:>13.2f}x{cpu_vs_pyt:>12}"
+            f"{name:<27}{steps / wall:>9,.0f}{_ratio(rs, raw):>11.2f}x"
+            f"{_ratio(rs, raw, 'best'):>7.2f}x{_ratio(rs, ser):>11.2f}x{speed:>11}{best_speed:>8}"
+            f"{_ratio(rs, raw, 'cpu'):>13.2f}x{cpu_speed:>11}"
         )
-        figures[name] = run.steps / run.wall
-    share = statistics.median(write_shares)
-    print(f"tupli_jax: {share:.0%} of its wall time is FileStorage.record_episodes (disk writes)")
+        figures[name] = steps / wall
+    tj = runs["tupli_jax TupliEnvWrapper"]
+    share = statistics.median(r.write_s / r.wall for r in tj)
+    print(f"tupli_jax: {share:.0%} of its wall time is FileStorage writes (shards, fsync, catalog)")
+    figures["tupli_jax time vs raw"] = _ratio(tj, raw)
+    figures["tupli_jax time vs raw, serialized"] = _ratio(tj, ser)
+    if pyt:
+        figures["tupli_jax speed vs pytupli"] = _ratio(pyt, tj)
 
     print(f"\nCartPole-v1 vector env, {args.num_envs} sub-envs, {args.vector_steps} steps")
     print(
@@ -298,19 +419,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{'disk writes':>13}{'| CPU: rec. steps/s':>21}{'vs raw':>8}"
     )
     for mode, label in (("vector_entry_point", "numpy-vectorised"), ("sync", "SyncVectorEnv")):
-        raw_vec = _median(
-            [run_vector(mode, args.num_envs, args.vector_steps, False) for _ in range(args.repeats)]
-        )
-        recorded, shares = [], []
-        for _ in range(args.repeats):
-            TimedFileStorage.write_s = 0.0
-            recorded.append(run_vector(mode, args.num_envs, args.vector_steps, True))
-            shares.append(TimedFileStorage.write_s / recorded[-1].wall)
-        rec = _median(recorded)
+        vruns = _interleaved(["vector raw", "vector recorded"], args, extra=["--vector-mode", mode])
+        raw_vec, rec = _median(vruns["vector raw"]), _median(vruns["vector recorded"])
+        recorded = vruns["vector recorded"]
         print(
             f"{label:<20}{raw_vec.steps / raw_vec.wall:>13,.0f}{rec.steps / rec.wall:>18,.0f}"
-            f"{rec.wall / raw_vec.wall:>12.2f}x{statistics.median(shares):>13.0%}"
-            f"{rec.steps / rec.cpu:>21,.0f}{rec.cpu / raw_vec.cpu:>7.2f}x"
+            f"{_ratio(recorded, vruns['vector raw']):>12.2f}x"
+            f"{statistics.median(r.write_s / r.wall for r in recorded):>13.0%}"
+            f"{rec.steps / rec.cpu:>21,.0f}"
+            f"{_ratio(recorded, vruns['vector raw'], 'cpu'):>7.2f}x"
         )
         figures[f"vector {label}"] = rec.steps / rec.wall
 
@@ -321,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for name, run in shard_write_costs(n, args.repeats).items():
             print(f"{name:<36}{run.wall / n * 1e6:>12.1f}{run.cpu / n * 1e6:>16.1f}")
             figures[f"shard {name} us/episode"] = run.wall / n * 1e6
+    print(f"\nload average after: {os.getloadavg()}")
     return figures
 
 

@@ -5,6 +5,9 @@
 - ``CsvEnv``: replays rewards from a csv file (the artifact the tests store through
   ``_serialize``).
 - ``DictObsEnv``: dict observations with a uint8 image and a discrete position.
+- ``ShiftyEnv``: float32 observations, except that for seeds divisible by 3 the second step
+  returns float64 (an env whose dtype changes mid-episode).
+- ``SparseInfoEnv``: ``CounterEnv`` whose ``info`` is empty except on every third step.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 from gymnasium import spaces
 
 COUNTER_ID = "TupliCounter-v0"
+SHIFTY_ID = "TupliShifty-v0"
+SPARSE_INFO_ID = "TupliSparseInfo-v0"
 
 
 class CounterEnv(gymnasium.Env[np.ndarray, np.int64]):
@@ -124,6 +129,47 @@ class DictObsEnv(gymnasium.Env[dict[str, Any], np.ndarray]):
         return self._obs(), float(np.sum(action)), False, self.t >= 4, {}
 
 
+class ShiftyEnv(gymnasium.Env[np.ndarray, np.int64]):
+    """Observations ``[t, noise]``; float32, but float64 on step 2 when the seed is divisible
+    by 3. Ends by time limit (4 steps, via the registered ``max_episode_steps``)."""
+
+    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Box(-100.0, 100.0, shape=(2,), dtype=np.float32)
+        self.action_space = spaces.Discrete(2)
+        self.t = 0
+        self.shift = False
+
+    def _obs(self) -> np.ndarray:
+        dtype = np.float64 if self.shift and self.t == 2 else np.float32
+        return np.array([self.t, self.np_random.uniform()], dtype=dtype)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.t = 0
+        self.shift = seed is not None and seed % 3 == 0
+        return self._obs(), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        return self._obs(), float(action), False, False, {}
+
+
+class SparseInfoEnv(CounterEnv):
+    """``CounterEnv`` with an empty ``info`` except on every third step."""
+
+    def step(self, action: Any) -> tuple[np.ndarray, Any, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated, truncated, info if self.steps % 3 == 0 else {}
+
+
+if SHIFTY_ID not in gymnasium.registry:
+    gymnasium.register(SHIFTY_ID, entry_point=f"{__name__}:ShiftyEnv", max_episode_steps=4)
+if SPARSE_INFO_ID not in gymnasium.registry:
+    gymnasium.register(SPARSE_INFO_ID, entry_point=f"{__name__}:SparseInfoEnv", max_episode_steps=8)
 if COUNTER_ID not in gymnasium.registry:
     # A string entry point: a class object in the spec would be a `py/type` that the allow-list
     # loader refuses to resolve.

@@ -802,6 +802,10 @@ class HookStorage(FileStorage):
         self.batches.append(len(episodes))
         return super().record_episodes(episodes, **kwargs)
 
+    def record_episode_batch(self, batch: Any, **kwargs: Any) -> Any:
+        self.batches.append(len(batch))
+        return super().record_episode_batch(batch, **kwargs)
+
     def list_episodes(self, *args: Any, **kwargs: Any) -> Any:
         self._run_barriers()
         return super().list_episodes(*args, **kwargs)
@@ -841,19 +845,25 @@ def test_storage_with_the_hook_batches_and_is_not_patched(tmp_path: Path) -> Non
     assert [ref() for ref in store.barriers] == [None]  # held weakly: gone with the wrapper
 
 
-def test_our_file_storage_without_the_hook_still_sees_pending_episodes(tmp_path: Path) -> None:
+def test_file_storage_read_barrier_shows_pending_episodes_without_patching(
+    tmp_path: Path,
+) -> None:
     store = FileStorage(tmp_path / "s")
-    if hasattr(store, READ_BARRIER_HOOK):
-        pytest.skip("FileStorage has the read-barrier hook: the interim path is gone")
+    assert callable(getattr(store, READ_BARRIER_HOOK))
     env = TupliEnvWrapper(gymnasium.make("CartPole-v1"), store, batch_steps=10**6, interval_s=1e6)
     env.store(name="cp")
     other = FileStorage(tmp_path / "s")
+    played: list[int] = []
 
     def check(ended: int) -> None:
-        assert len(other.list_episodes()) < ended  # batched: not yet on disk ...
-        assert len(store.list_episodes()) == ended  # ... but listed through this storage
+        assert len(other.list_episodes()) == ended - 1  # batched: not yet on disk ...
+        headers = store.list_episodes()  # ... but this storage's read barrier writes it
+        assert len(headers) == ended and len(other.list_episodes()) == ended
+        played.append(store.load_episode(headers[-1].id).length)
 
     assert _steps_until_episodes_end(env, check) >= 3
+    assert not set(vars(store)) & {"list_episodes", "load_episode", "_episode_locations"}
+    assert sorted(h.n_tuples for h in other.list_episodes()) == sorted(played)
 
 
 def test_wrapper_list_episodes_and_flush_write_pending_episodes(tmp_path: Path) -> None:
@@ -870,6 +880,30 @@ def test_wrapper_list_episodes_and_flush_write_pending_episodes(tmp_path: Path) 
     play(env, 2, seed=9)
     assert len(env.flush()) == 2 and len(other.list_episodes()) == 5
     assert env.flush() == []
+
+
+def test_batch_bytes_bounds_what_waits_in_memory(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path / "s")
+    # CartPole: 4 float32 observations + an int64 action + a float64 reward = 32 B a step.
+    env = TupliEnvWrapper(
+        gymnasium.make("CartPole-v1"), store, batch_steps=10**6, interval_s=1e6, batch_bytes=32 * 40
+    )
+    env.store(name="cp")
+    other = FileStorage(tmp_path / "s")  # sees only what was written
+    env.action_space.seed(3)
+    written, pending, writes, waited = 0, 0, 0, 0
+    for k in range(12):
+        env.reset(seed=k)
+        done = False
+        while not done:
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            pending += 1
+            done = terminated or truncated
+        if pending >= 40:  # the bytes threshold: everything pending is written
+            written, pending, writes = k + 1, 0, writes + 1
+        waited += written < k + 1
+        assert len(other.list_episodes()) == written
+    assert writes >= 2 and waited >= 2
 
 
 def test_foreign_storage_gets_each_episode_inside_its_step_and_is_not_patched(

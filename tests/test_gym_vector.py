@@ -32,15 +32,20 @@ MODES = [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, AutoresetMode.DISABLE
 
 
 class CountingStorage(FileStorage):
-    """A real ``FileStorage`` that remembers the size of every ``record_episodes`` batch."""
+    """A real ``FileStorage`` that remembers the size of every write (``record_episodes`` or
+    ``record_episode_batch``)."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.batches: list[int] = []
 
-    def record_episodes(self, episodes: Any) -> Any:
+    def record_episodes(self, episodes: Any, **kwargs: Any) -> Any:
         self.batches.append(len(episodes))
-        return super().record_episodes(episodes)
+        return super().record_episodes(episodes, **kwargs)
+
+    def record_episode_batch(self, batch: Any, **kwargs: Any) -> Any:
+        self.batches.append(len(batch))
+        return super().record_episode_batch(batch, **kwargs)
 
 
 class LengthCallback(EpisodeMetadataCallback):
@@ -180,7 +185,10 @@ def compare_with_single(
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
-@pytest.mark.parametrize(("env_id", "n_steps"), [("CartPole-v1", 80), (gym_envs.COUNTER_ID, 40)])
+@pytest.mark.parametrize(
+    ("env_id", "n_steps"),
+    [("CartPole-v1", 80), (gym_envs.COUNTER_ID, 40), (gym_envs.SPARSE_INFO_ID, 40)],
+)
 def test_vector_matches_single_env_recording(
     tmp_path: Path, mode: AutoresetMode, env_id: str, n_steps: int
 ) -> None:

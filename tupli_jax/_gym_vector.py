@@ -1,9 +1,11 @@
 """``TupliVectorEnvWrapper``: records every sub-env of a Gymnasium ``VectorEnv`` into one store.
 
 Steps are written time-major into growing numpy buffers ``[capacity, num_envs, ...]`` (one
-vectorised assignment per leaf per step); each sub-env remembers the row its episode started at,
-and an episode is cut out with one slice per leaf when it ends. The env's
-``metadata["autoreset_mode"]`` decides what a row means:
+vectorised assignment per leaf per step); each sub-env remembers the row its episode started at.
+An episode that ends is only noted (sub-env, start row, end row); its rows stay in the buffers
+until the next write, which gathers every pending episode with one fancy index per leaf into
+one ``EpisodeBatch`` (one shard). Rows are overwritten only once gathered (``_VectorStore``).
+The env's ``metadata["autoreset_mode"]`` decides what a row means:
 
 - ``NEXT_STEP``: the step after a done is a reset step (reward 0, action ignored): its observation
   starts the next episode and it is not a transition.
@@ -18,6 +20,7 @@ Partial resets (``options["reset_mask"]``) assume the env honours the mask, as
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -27,14 +30,17 @@ import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 
 from tupli_jax import _tree
+from tupli_jax._gym_columns import PendingBatch, PendingItem, batch_discounts
 from tupli_jax._gym_record import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BATCH_STEPS,
+    DEFAULT_INTERVAL_S,
     BenchmarkMixin,
     EpisodeSink,
     extra_tuple_fields,
-    make_episode,
     tuple_info,
 )
-from tupli_jax.episode import EpisodeData
+from tupli_jax.episode import EpisodeBatch
 from tupli_jax.schema import EpisodeMetadataCallback, RLTuple, to_builtin
 from tupli_jax.storage.base import TupliStorage
 
@@ -66,16 +72,168 @@ def _unbatch_info(infos: dict[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
+def _gather_index(
+    envs: np.ndarray, starts: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(env, row)`` index arrays selecting rows ``starts[e] .. starts[e] + counts[e] - 1`` of
+    sub-env ``envs[e]`` for every ``e``, episode after episode.
+
+    Example:
+        >>> envs, rows = _gather_index(np.array([2, 0]), np.array([5, 1]), np.array([2, 3]))
+        >>> envs.tolist(), rows.tolist()
+        ([2, 2, 0, 0, 0], [5, 6, 1, 2, 3])
+    """
+    offsets = np.cumsum(counts) - counts
+    rows = np.arange(int(counts.sum())) + np.repeat(starts - offsets, counts)
+    return np.repeat(envs, counts), rows
+
+
 def _identity(env: gymnasium.Env[Any, Any]) -> gymnasium.Env[Any, Any]:
     return env
+
+
+class _VectorStore:
+    """Time-major buffers of a vector recorder and its finished, not yet written episodes.
+
+    Row ``r`` holds step ``r``'s observations ``obs_bufs[k][r, i]``, actions and rewards for every
+    sub-env ``i``. A finished episode stays in the buffers as ``(sub-env, start row, end row)``
+    until ``drain`` (a write) gathers all of them with one fancy index per leaf into one
+    ``EpisodeBatch``. Holds no reference to the wrapper, so a finalizer may drain it.
+    """
+
+    def __init__(self, num_envs: int, *, same_step: bool) -> None:
+        self.same_step = same_step
+        self.row = -1  # last written row; -1 before the first reset
+        self.obs_spec: Any = None
+        self.obs_bufs: list[np.ndarray] = []
+        self.act_spec: Any = None
+        self.act_bufs: list[np.ndarray] | None = None
+        self.rew_buf = np.zeros((_INITIAL_ROWS, num_envs), dtype=np.float64)
+        self.pending_low = np.iinfo(np.int64).max  # lowest row a finished episode needs
+        self.sealed: list[PendingItem] = []
+        self._chunks: list[_Chunk] = []
+
+    def add(
+        self,
+        envs: np.ndarray,
+        starts: np.ndarray,
+        end: int,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        benchmark_id: str,
+        metadata: list[dict[str, Any]] | None,
+        infos: list[list[dict[str, Any]] | None] | None,
+        finals: list[list[np.ndarray]] | None,
+    ) -> None:
+        """Queues the episodes of sub-envs ``envs`` (rows ``starts .. end``)."""
+        self._chunks.append(
+            _Chunk(envs, starts, end, terminated, truncated, benchmark_id, metadata, infos, finals)
+        )
+        self.pending_low = min(self.pending_low, int(starts.min()))
+
+    @property
+    def step_nbytes(self) -> int:
+        """Bytes a transition of one sub-env takes: observation, action and reward."""
+        leaves = [*self.obs_bufs, *(self.act_bufs or [])]
+        return 8 + sum(buf.itemsize * int(np.prod(buf.shape[2:])) for buf in leaves)
+
+    def ends_at(self, row: int, mask: np.ndarray) -> bool:
+        """Whether a queued episode of a sub-env in ``mask`` ends at ``row``."""
+        return any(c.end == row and mask[c.envs].any() for c in self._chunks)
+
+    def shift(self, low: int) -> None:
+        """The rows moved down by ``low`` (``_make_room``)."""
+        for chunk in self._chunks:
+            chunk.starts = chunk.starts - low
+            chunk.end -= low
+        if self._chunks:
+            self.pending_low -= low
+
+    def seal(self) -> None:
+        """Gathers the queued episodes out of the buffers (before rows are overwritten)."""
+        if not self._chunks:
+            return
+        chunks, self._chunks = self._chunks, []
+        self.pending_low = np.iinfo(np.int64).max
+        first = 0
+        for k in range(1, len(chunks) + 1):  # one batch per run of one benchmark id
+            if k == len(chunks) or chunks[k].benchmark_id != chunks[first].benchmark_id:
+                self.sealed.append(self._gather(chunks[first:k]))
+                first = k
+
+    def drain(self) -> list[PendingItem]:
+        """Takes every finished episode, in order."""
+        self.seal()
+        items, self.sealed = self.sealed, []
+        return items
+
+    def _gather(self, chunks: list[_Chunk]) -> PendingBatch:
+        envs = np.concatenate([c.envs for c in chunks])
+        starts = np.concatenate([c.starts for c in chunks])
+        ends = np.concatenate([np.full(c.envs.size, c.end, dtype=np.int64) for c in chunks])
+        lengths = ends - starts  # transitions per episode
+        terminated = np.concatenate([c.terminated for c in chunks])
+        # Observation rows start .. end (SAME_STEP: .. end - 1, then final_obs); actions and
+        # rewards rows start + 1 .. end.
+        obs_env, obs_row = _gather_index(envs, starts, lengths if self.same_step else lengths + 1)
+        act_env, act_row = _gather_index(envs, starts + 1, lengths)
+        if self.same_step:
+            finals = [f for c in chunks for f in (c.finals or [])]
+            last = np.cumsum(lengths + 1) - 1  # row of each final observation in the batch
+            keep = np.ones(int(last[-1]) + 1, dtype=bool)
+            keep[last] = False
+            obs_leaves = []
+            for k, buf in enumerate(self.obs_bufs):
+                out = np.empty((keep.size, *buf.shape[2:]), buf.dtype)
+                out[keep] = buf[obs_row, obs_env]
+                out[last] = np.stack([final[k] for final in finals])
+                obs_leaves.append(out)
+        else:
+            obs_leaves = [buf[obs_row, obs_env] for buf in self.obs_bufs]
+        assert self.act_bufs is not None
+        metadata: list[dict[str, Any]] | None = None
+        if any(c.metadata is not None for c in chunks):
+            metadata = [m for c in chunks for m in (c.metadata or [{}] * c.envs.size)]
+        infos: list[list[dict[str, Any]] | None] | None = None
+        if any(c.infos is not None for c in chunks):
+            infos = [i for c in chunks for i in (c.infos or [None] * c.envs.size)]
+        batch = EpisodeBatch(
+            observations=_build(self.obs_spec, obs_leaves),
+            actions=_build(self.act_spec, [buf[act_row, act_env] for buf in self.act_bufs]),
+            rewards=self.rew_buf[act_row, act_env],
+            discounts=batch_discounts(lengths, terminated),
+            n_tuples=lengths,
+            terminated=terminated,
+            truncated=np.concatenate([c.truncated for c in chunks]),
+            benchmark_id=chunks[0].benchmark_id,
+            metadata=metadata,
+        )
+        return PendingBatch(batch, infos)
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """Episodes that ended on one step: sub-envs, start rows, the end row and what else they
+    carry (per-episode metadata, infos, final observations)."""
+
+    envs: np.ndarray
+    starts: np.ndarray
+    end: int
+    terminated: np.ndarray
+    truncated: np.ndarray
+    benchmark_id: str
+    metadata: list[dict[str, Any]] | None
+    infos: list[list[dict[str, Any]] | None] | None
+    finals: list[list[np.ndarray]] | None
 
 
 class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
     """Records the episodes of every sub-env of a ``VectorEnv`` (pytupli's API, vectorised).
 
     Each finished episode is stored exactly as ``TupliEnvWrapper`` would store it for a single
-    env run with the same seed and actions; all episodes that end on one step go to storage in
-    one batch (batches may also span steps, see ``batch_steps``).
+    env run with the same seed and actions. Episodes are written in batches spanning steps (see
+    ``batch_steps``; with ``batch_steps=0`` all episodes that end on one step go to storage in
+    one batch, inside that step), visible in this process when the step that ends them returns.
 
     Args:
         env: Any ``gymnasium.vector.VectorEnv`` (``SyncVectorEnv``, ``AsyncVectorEnv``, a
@@ -91,6 +249,7 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
             vector env itself.
         batch_steps: As in ``TupliEnvWrapper``.
         interval_s: As in ``TupliEnvWrapper``.
+        batch_bytes: As in ``TupliEnvWrapper``.
 
     Example:
         >>> envs = gym.make_vec("CartPole-v1", num_envs=8)  # doctest: +SKIP
@@ -108,8 +267,9 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
         *,
         sub_env_key: str | None = None,
         benchmark_env: gymnasium.Env[Any, Any] | None = None,
-        batch_steps: int = 8192,
-        interval_s: float = 1.0,
+        batch_steps: int = DEFAULT_BATCH_STEPS,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
     ) -> None:
         gymnasium.vector.VectorWrapper.__init__(self, env)
         self.storage = storage
@@ -120,7 +280,6 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
         self._bench_env: Any = benchmark_env
         self._related_artifacts: list[str] = []
         self._record_episodes = True
-        self._sink = EpisodeSink(storage, batch_steps=batch_steps, interval_s=interval_s)
         mode = env.metadata.get("autoreset_mode")
         if mode is None:
             warnings.warn(
@@ -131,6 +290,18 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
             mode = AutoresetMode.NEXT_STEP
         self.autoreset_mode = AutoresetMode(mode)
         n = int(env.num_envs)
+        self._tree_actions = isinstance(
+            env.single_action_space, gymnasium.spaces.Tuple | gymnasium.spaces.Dict
+        )
+        # Buffers and finished episodes not yet written (no reference back to this wrapper).
+        self._b = _VectorStore(n, same_step=self.autoreset_mode is AutoresetMode.SAME_STEP)
+        self._sink = EpisodeSink(
+            storage,
+            batch_steps=batch_steps,
+            interval_s=interval_s,
+            batch_bytes=batch_bytes,
+            source=self._b,
+        )
         self._extra_fields = extra_tuple_fields(rl_tuple_cls)
         self._needs_tuples = metadata_callback is not None or rl_tuple_cls is not RLTuple
         self._callbacks = [copy.deepcopy(metadata_callback) for _ in range(n)]
@@ -139,12 +310,6 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
         # Row of each sub-env's episode start (reset observation), -1 when not recording it.
         self._start = np.full(n, -1, dtype=np.int64)
         self._reset_step_next = np.zeros(n, dtype=bool)  # NEXT_STEP: next step is a reset step
-        self._row = -1  # last written row; -1 before the first reset
-        self._obs_spec: Any = None
-        self._obs_bufs: list[np.ndarray] = []
-        self._act_spec: Any = None
-        self._act_bufs: list[np.ndarray] | None = None
-        self._rew_buf = np.zeros((_INITIAL_ROWS, n), dtype=np.float64)
         self._row_infos: list[dict[str, Any] | None] = [None] * _INITIAL_ROWS
         self._last_info_row = -1  # last row whose step returned a non-empty info
 
@@ -240,9 +405,9 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
             self._start[mask] = row
 
     def _allocate_obs(self, leaves: list[np.ndarray], spec: Any) -> None:
-        rows = self._rew_buf.shape[0]
-        self._obs_spec = spec
-        self._obs_bufs = [np.zeros((rows, *leaf.shape), dtype=leaf.dtype) for leaf in leaves]
+        rows = self._b.rew_buf.shape[0]
+        self._b.obs_spec = spec
+        self._b.obs_bufs = [np.zeros((rows, *leaf.shape), dtype=leaf.dtype) for leaf in leaves]
 
     def reset(
         self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
@@ -254,52 +419,57 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
             mask = np.array(options["reset_mask"], dtype=bool)  # the env may pop it
         obs, infos = self.env.reset(seed=seed, options=options)  # type: ignore[arg-type]
         leaves, spec = _leaves(obs)
-        if mask is None or self._row < 0:
+        if mask is None or self._b.row < 0:
+            self._b.seal()  # the rows are rewritten from 0
             self._drop(np.ones(self.num_envs, dtype=bool))
-            shapes = [(b.shape[1:], b.dtype) for b in self._obs_bufs]
+            shapes = [(b.shape[1:], b.dtype) for b in self._b.obs_bufs]
             if shapes != [(leaf.shape, leaf.dtype) for leaf in leaves]:
                 self._allocate_obs(leaves, spec)
-            self._row = 0
+            self._b.row = 0
             self._last_info_row = -1
-            for buf, leaf in zip(self._obs_bufs, leaves, strict=True):
+            for buf, leaf in zip(self._b.obs_bufs, leaves, strict=True):
                 buf[0] = leaf
             self._reset_step_next[:] = False
             self._begin_many(np.ones(self.num_envs, dtype=bool), 0)
         else:
+            if self._b.ends_at(self._b.row, mask):
+                self._b.seal()  # row ``row`` of a masked sub-env holds a final observation
             self._drop(mask)
-            for buf, leaf in zip(self._obs_bufs, leaves, strict=True):
-                buf[self._row, mask] = leaf[mask]
+            for buf, leaf in zip(self._b.obs_bufs, leaves, strict=True):
+                buf[self._b.row, mask] = leaf[mask]
             self._reset_step_next[mask] = False
-            self._begin_many(mask, self._row)
+            self._begin_many(mask, self._b.row)
         return obs, infos
 
     def _make_room(self) -> None:
         """Moves the rows still needed to the front, growing the buffers if half full."""
         active = self._start[self._start >= 0]
-        low = min(int(active.min()), self._row) if active.size else self._row
-        keep = self._row + 1 - low
-        rows = self._rew_buf.shape[0]
+        low = min(int(active.min()), self._b.row) if active.size else self._b.row
+        low = min(low, self._b.pending_low)
+        keep = self._b.row + 1 - low
+        rows = self._b.rew_buf.shape[0]
         new_rows = rows * 2 if keep > rows // 2 else rows
-        buffers = [self._rew_buf, *self._obs_bufs, *(self._act_bufs or [])]
+        buffers = [self._b.rew_buf, *self._b.obs_bufs, *(self._b.act_bufs or [])]
         moved = []
         for buf in buffers:
             target = buf if new_rows == rows else np.zeros((new_rows, *buf.shape[1:]), buf.dtype)
-            target[:keep] = buf[low : self._row + 1]
+            target[:keep] = buf[low : self._b.row + 1]
             moved.append(target)
-        self._rew_buf = moved[0]
-        self._obs_bufs = moved[1 : 1 + len(self._obs_bufs)]
-        if self._act_bufs is not None:
-            self._act_bufs = moved[1 + len(self._obs_bufs) :]
-        infos = self._row_infos[low : self._row + 1]
+        self._b.rew_buf = moved[0]
+        self._b.obs_bufs = moved[1 : 1 + len(self._b.obs_bufs)]
+        if self._b.act_bufs is not None:
+            self._b.act_bufs = moved[1 + len(self._b.obs_bufs) :]
+        infos = self._row_infos[low : self._b.row + 1]
         self._row_infos = infos + [None] * (new_rows - keep)
         self._start[self._start >= 0] -= low
-        self._row -= low
+        self._b.row -= low
+        self._b.shift(low)
         self._last_info_row -= low
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
         """Steps every sub-env and records the transitions; ended episodes go to storage."""
         obs, rewards, terminations, truncations, infos = self.env.step(actions)
-        if self._row >= 0:
+        if self._b.row >= 0:
             self._record(actions, obs, rewards, terminations, truncations, infos)
         return obs, rewards, terminations, truncations, infos
 
@@ -312,32 +482,32 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
         truncations: Any,
         infos: dict[str, Any],
     ) -> None:
-        if self._row + 1 == self._rew_buf.shape[0]:
+        if self._b.row + 1 == self._b.rew_buf.shape[0]:
             self._make_room()
-        row = self._row + 1
-        self._row = row
+        row = self._b.row + 1
+        self._b.row = row
         obs_leaves, _ = _leaves(obs)
-        for buf, leaf in zip(self._obs_bufs, obs_leaves, strict=True):
+        for buf, leaf in zip(self._b.obs_bufs, obs_leaves, strict=True):
             buf[row] = leaf
         act_leaves, act_spec = self._action_leaves(actions)
-        if self._act_bufs is None:
-            rows = self._rew_buf.shape[0]
-            self._act_spec = act_spec
-            self._act_bufs = [np.zeros((rows, *a.shape), a.dtype) for a in act_leaves]
-        for buf, leaf in zip(self._act_bufs, act_leaves, strict=True):
+        if self._b.act_bufs is None:
+            rows = self._b.rew_buf.shape[0]
+            self._b.act_spec = act_spec
+            self._b.act_bufs = [np.zeros((rows, *a.shape), a.dtype) for a in act_leaves]
+        for buf, leaf in zip(self._b.act_bufs, act_leaves, strict=True):
             buf[row] = leaf
-        self._rew_buf[row] = rewards
+        self._b.rew_buf[row] = rewards
         if infos:
             self._row_infos[row] = infos
             self._last_info_row = row
         else:
             self._row_infos[row] = None
-        done = np.logical_or(terminations, truncations)
+        done = np.logical_or(terminations, truncations)  # a new array
         mode = self.autoreset_mode
         same_step = mode is AutoresetMode.SAME_STEP
         if mode is AutoresetMode.NEXT_STEP:
             reset_step = self._reset_step_next
-            self._reset_step_next = done.copy()
+            self._reset_step_next = done
             stepped = (self._start >= 0) & ~reset_step
             if reset_step.any():
                 self._begin_many(reset_step, row)
@@ -347,25 +517,22 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
             for i in np.flatnonzero(stepped):
                 self._record_tuple(int(i), obs, actions, rewards, terminations, truncations, infos)
         ended = np.flatnonzero(done & stepped)
-        episodes = []
+        ended_steps = 0
         if ended.size and self.id is not None:
-            episodes = [
-                self._cut(int(i), row, bool(terminations[i]), bool(truncations[i]), infos)
-                for i in ended
-            ]
+            ended_steps = self._end_many(ended, row, terminations, truncations, infos)
         if same_step:
             if done.any():
                 self._begin_many(done, row)
         elif ended.size:
             self._drop(done)
         if ended.size:
-            self._sink.add(episodes)
             self._require_id("store a recorded episode")
+            self._sink.ended(ended_steps, ended_steps * self._b.step_nbytes)
 
     def _action_leaves(self, actions: Any) -> tuple[list[np.ndarray], Any]:
-        if type(actions) is not np.ndarray and not isinstance(
-            self.single_action_space, gymnasium.spaces.Tuple | gymnasium.spaces.Dict
-        ):
+        if type(actions) is np.ndarray:
+            return [actions], None
+        if not self._tree_actions:
             actions = np.asarray(actions)  # e.g. a list of Python ints
         return _leaves(actions)
 
@@ -408,49 +575,59 @@ class TupliVectorEnvWrapper(BenchmarkMixin, gymnasium.vector.VectorWrapper):
             self._episode_metadata[i] = dict(callback(rl_tuple))
         self._tuples[i].append(rl_tuple)
 
-    def _cut(
-        self, i: int, end: int, terminated: bool, truncated: bool, infos: dict[str, Any]
-    ) -> EpisodeData:
-        """Episode of sub-env ``i`` whose last transition is row ``end``."""
-        start = int(self._start[i])
+    def _end_many(
+        self,
+        ended: np.ndarray,
+        end: int,
+        terminations: Any,
+        truncations: Any,
+        infos: dict[str, Any],
+    ) -> int:
+        """Queues the episodes of sub-envs ``ended`` whose last transition is row ``end`` (their
+        rows stay in the buffers until the next write gathers them); returns their transitions."""
+        starts = self._start[ended]
+        n = int(ended.size)
+        metadata: list[dict[str, Any]] | None = None
+        episode_infos: list[list[dict[str, Any]] | None] | None = None
+        some_info = self._last_info_row > int(starts.min())  # a step of them had an info
+        if self._needs_tuples or self.sub_env_key is not None or some_info:
+            metadata = [{} for _ in range(n)]
+            episode_infos = [None] * n
+            for e, i in enumerate(ended.tolist()):
+                start = int(starts[e])
+                if self._needs_tuples:
+                    episode_infos[e] = [tuple_info(t, self._extra_fields) for t in self._tuples[i]]
+                    metadata[e] = self._episode_metadata[i]
+                    callback = self._callbacks[i]
+                    if callback is not None:
+                        callback.reset()
+                    self._tuples[i] = []
+                    self._episode_metadata[i] = {}
+                elif self._last_info_row > start:
+                    rows = range(start + 1, end + 1)
+                    row_infos = self._row_infos
+                    if any(row_infos[r] for r in rows):
+                        episode_infos[e] = [
+                            self._step_info(i, row_infos[r], final=r == end) for r in rows
+                        ]
+                if self.sub_env_key is not None:
+                    metadata[e] = {**metadata[e], self.sub_env_key: i}
+        finals = None
         if self.autoreset_mode is AutoresetMode.SAME_STEP:
-            final_leaves, _ = _leaves(infos["final_obs"][i])
-            obs_leaves = [
-                np.concatenate([buf[start:end, i], final[None]])
-                for buf, final in zip(self._obs_bufs, final_leaves, strict=True)
-            ]
-        else:
-            obs_leaves = [buf[start : end + 1, i].copy() for buf in self._obs_bufs]
-        assert self._act_bufs is not None
-        act_leaves = [buf[start + 1 : end + 1, i].copy() for buf in self._act_bufs]
-        rows = range(start + 1, end + 1)
-        ep_infos: list[dict[str, Any]] | None
-        if self._needs_tuples:
-            ep_infos = [tuple_info(t, self._extra_fields) for t in self._tuples[i]]
-            metadata = self._episode_metadata[i]
-            callback = self._callbacks[i]
-            if callback is not None:
-                callback.reset()
-            self._tuples[i] = []
-            self._episode_metadata[i] = {}
-        else:
-            row_infos = self._row_infos
-            ep_infos = None
-            if self._last_info_row > start and any(row_infos[r] for r in rows):
-                ep_infos = [self._step_info(i, row_infos[r], final=r == end) for r in rows]
-            metadata = {}
-        if self.sub_env_key is not None:
-            metadata = {**metadata, self.sub_env_key: i}
-        return make_episode(
-            _build(self._obs_spec, obs_leaves),
-            _build(self._act_spec, act_leaves),
-            self._rew_buf[start + 1 : end + 1, i].copy(),
-            terminated=terminated,
-            truncated=truncated,
-            benchmark_id=self._require_id("store a recorded episode"),
-            metadata=metadata,
-            infos=ep_infos,
+            final_obs = infos["final_obs"]
+            finals = [[np.array(leaf) for leaf in _leaves(final_obs[i])[0]] for i in ended]
+        self._b.add(
+            ended,
+            starts,
+            end,
+            np.asarray(terminations, dtype=bool)[ended],
+            np.asarray(truncations, dtype=bool)[ended],
+            self._require_id("store a recorded episode"),
+            metadata if metadata is not None and any(metadata) else None,
+            episode_infos if episode_infos is not None and any(episode_infos) else None,
+            finals,
         )
+        return int((end - starts).sum())
 
     def close(self, **kwargs: Any) -> None:
         """Drops unfinished episodes, writes the pending ones, then closes the vector env."""

@@ -7,22 +7,23 @@ A pytupli user changes only the import line::
 
 Differences from pytupli (fixes and additions):
 
-- Steps are recorded as columns (lists of arrays, stacked once per episode); no pydantic object is
-  built per step unless a ``metadata_callback`` or a custom ``rl_tuple_cls`` needs one.
+- Steps are recorded straight into packed columns (``tupli_jax._gym_columns``): per step one
+  row assignment for the observation and two list appends (scalar action, reward); no pydantic
+  object is built per step unless a ``metadata_callback`` or a custom ``rl_tuple_cls`` needs
+  one, and nothing is stacked when an episode ends.
 - The stored episode keeps the reset observation (``T + 1`` observations); the tuple view keeps
   pytupli's ``state`` = the observation returned by the step.
 - ``store()`` returns the id; a ``reset()`` in the middle of an episode drops its unfinished
   steps; numpy rewards, numpy values in ``info`` and Python ``int`` actions are stored fine; an
   episode is stored only if every step of it was recorded (recording switched on mid-episode
   starts with the next ``reset()``).
-- Episodes are written in batches (one ``record_episodes`` call per batch), yet in this process
-  an episode is listed as soon as the step that ends it returns: reads through the storage
-  object write the pending episodes first (through the storage's ``add_read_barrier`` hook;
-  until ``FileStorage`` has it, by wrapping that ``FileStorage`` instance's episode-reading
-  methods); ``wrapper.list_episodes``, ``flush()`` and ``close()`` write them explicitly. A
-  storage that is not a tupli_jax ``FileStorage`` and has no hook (e.g. pytupli's) gets every
-  episode written inside the step that ends it, as pytupli does. Pass ``batch_steps=0`` for
-  that behaviour (durable per episode) on any storage.
+- Episodes are written in batches (one ``record_episode_batch`` call, i.e. one shard, per batch;
+  ``record_episodes`` for episodes with infos), yet in this process an episode is listed as
+  soon as the step that ends it returns: reads through the storage object write the pending
+  episodes first (the storage's ``add_read_barrier`` hook); ``wrapper.list_episodes``,
+  ``flush()`` and ``close()`` write them explicitly. A storage without the hook (e.g.
+  pytupli's) gets every episode written inside the step that ends it, as pytupli does. Pass
+  ``batch_steps=0`` for that behaviour (durable per episode) on any storage.
 - Extra fields of a custom ``rl_tuple_cls`` survive the round trip (``list_episodes`` on the
   wrapper rebuilds them); ``load``/``deserialize_env`` use an allow-list loader (``trusted=True``
   to opt out for payloads you trust).
@@ -42,13 +43,14 @@ from typing import TYPE_CHECKING, Any, SupportsFloat
 import gymnasium
 import numpy as np
 
+from tupli_jax._gym_columns import EpisodeColumns
 from tupli_jax._gym_record import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BATCH_STEPS,
+    DEFAULT_INTERVAL_S,
     BenchmarkMixin,
     EpisodeSink,
-    copy_tree,
     extra_tuple_fields,
-    make_episode,
-    stack_trees,
     tuple_info,
 )
 from tupli_jax._gym_vector import TupliVectorEnvWrapper
@@ -81,6 +83,8 @@ from tupli_jax.storage.file_storage import FileStorage
 if TYPE_CHECKING:
     from tupli_jax.dataset import TupliDataset
 
+_ndarray = np.ndarray
+
 __all__ = [
     "ArtifactMetadata",
     "ArtifactMetadataItem",
@@ -110,13 +114,6 @@ __all__ = [
     "TupliVectorEnvWrapper",
 ]
 
-_SCALARS = (int, float, bool, np.generic)  # immutable actions, stored as given
-
-DEFAULT_BATCH_STEPS = 8192
-"""Pending transitions that trigger a write (see ``TupliEnvWrapper``)."""
-DEFAULT_INTERVAL_S = 1.0
-"""Age of the oldest pending episode that triggers a write, in seconds."""
-
 
 def __getattr__(name: str) -> Any:
     # TupliDataset lives in tupli_jax.dataset, which imports heavier dependencies.
@@ -144,6 +141,8 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
             write each episode, durably, inside the step that ends it; also what a storage
             without a read barrier gets, see the module docs).
         interval_s: Also write once the oldest pending episode is this many seconds old.
+        batch_bytes: Also write once the finished episodes hold this many bytes of
+            observations, actions and rewards.
 
     Attributes:
         id: The benchmark id (``None`` until stored or given).
@@ -164,6 +163,7 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
         *,
         batch_steps: int = DEFAULT_BATCH_STEPS,
         interval_s: float = DEFAULT_INTERVAL_S,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
     ) -> None:
         gymnasium.Wrapper.__init__(self, env)
         self.storage = storage
@@ -172,16 +172,22 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
         self.rl_tuple_cls = rl_tuple_cls
         self._record_episodes = True
         self._related_artifacts: list[str] = []
-        self._sink = EpisodeSink(storage, batch_steps=batch_steps, interval_s=interval_s)
+        # The episode in progress and the finished ones not yet written, as packed columns.
+        self._columns = EpisodeColumns()
+        self._sink = EpisodeSink(
+            storage,
+            batch_steps=batch_steps,
+            interval_s=interval_s,
+            batch_bytes=batch_bytes,
+            source=self._columns,
+        )
         self._extra_fields = extra_tuple_fields(rl_tuple_cls)
         # Tuples are built per step only when something consumes them.
         self._needs_tuples = metadata_callback is not None or rl_tuple_cls is not RLTuple
-        # Columns of the episode being recorded; None when no episode is being recorded.
-        self._observations: list[Any] | None = None
-        self._actions: list[Any] = []
-        self._rewards: list[Any] = []
-        self._infos: list[dict[str, Any] | None] = []
-        self._has_info = False  # some step of the episode returned a non-empty info
+        self._recording = False  # an episode is being recorded
+        # Per-step infos of the episode in progress; None while every step returned an empty
+        # info (and no tuples are built).
+        self._infos: list[dict[str, Any] | None] | None = None
         self._tuples: list[RLTuple] = []
         self._episode_metadata: dict[str, Any] = {}
 
@@ -201,31 +207,23 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
     @property
     def tuple_buffer(self) -> list[RLTuple]:
         """The tuples of the episode in progress (pytupli's attribute; built on access)."""
-        if self._observations is None:
+        if not self._recording:
             return []
         if self._needs_tuples:
             return list(self._tuples)
+        observations, actions, rewards = self._columns.current()
+        infos = self._infos or [None] * len(actions)
         return [
             self.rl_tuple_cls.from_env_step(obs, act, rew, False, False, info or {})
-            for obs, act, rew, info in zip(
-                self._observations[1:], self._actions, self._rewards, self._infos, strict=True
-            )
+            for obs, act, rew, info in zip(observations, actions, rewards, infos, strict=True)
         ]
 
     def _drop_episode(self) -> None:
-        started = self._observations is not None and len(self._observations) > 1
-        if started and self.metadata_callback is not None:
-            self.metadata_callback.reset()
-        self._observations = None
-
-    def _begin_episode(self, observation: Any) -> None:
-        self._observations = [copy_tree(observation)]
-        self._actions = []
-        self._rewards = []
-        self._infos = []
-        self._has_info = False
-        self._tuples = []
-        self._episode_metadata = {}
+        if self._recording:
+            self._recording = False
+            if self.metadata_callback is not None and self._columns.steps:
+                self.metadata_callback.reset()
+            self._columns.drop()
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -234,7 +232,11 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
         obs, info = self.env.reset(seed=seed, options=options)
         self._drop_episode()
         if self._record_episodes:
-            self._begin_episode(obs)
+            self._columns.begin(obs)
+            self._recording = True
+            self._infos = [] if self._needs_tuples else None
+            self._tuples = []
+            self._episode_metadata = {}
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -248,27 +250,38 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
                 write failed.
         """
         result = self.env.step(action)
-        observations = self._observations
-        if observations is None or not self._record_episodes:
+        if not self._recording:
             return result
         obs, reward, terminated, truncated, info = result
-        observations.append(obs.copy() if type(obs) is np.ndarray else copy_tree(obs))
-        if type(action) is np.ndarray:
-            self._actions.append(action.copy())
+        cols = self._columns
+        o = cols.obs_row
+        if (  # EpisodeColumns.append's fast path, inlined (saves a call per step)
+            type(action) is cols.act_scalar
+            and type(obs) is _ndarray
+            and obs.dtype is cols.obs_dtype
+            and obs.shape == cols.obs_shape
+            and o < cols.capacity
+        ):
+            cols.obs_buf[o] = obs  # type: ignore[index]
+            cols.obs_row = o + 1
+            cols.step_row += 1
+            cols.actions.append(action)
+            cols.rewards.append(reward)
         else:
-            self._actions.append(action if isinstance(action, _SCALARS) else copy_tree(action))
-        self._rewards.append(reward)
+            cols.append(obs, action, reward)
         if self._needs_tuples:
             self._record_tuple(obs, action, reward, terminated, truncated, info)
-        else:
-            if info:
-                self._infos.append(to_builtin(info))
-                self._has_info = True
-            else:
-                self._infos.append(None)
+        elif info or self._infos is not None:
+            self._record_info(info)
         if terminated or truncated:
             self._end_episode(bool(terminated), bool(truncated))
         return result
+
+    def _record_info(self, info: dict[str, Any]) -> None:
+        infos = self._infos
+        if infos is None:  # the first non-empty info of the episode
+            infos = self._infos = [None] * (self._columns.steps - 1)
+        infos.append(to_builtin(info) if info else None)
 
     def _record_tuple(
         self,
@@ -282,36 +295,33 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
         rl_tuple = self.rl_tuple_cls.from_env_step(
             obs, action, reward, bool(terminated), bool(truncated), info
         )
+        self._tuples.append(rl_tuple)
+        assert self._infos is not None
+        self._infos.append(tuple_info(rl_tuple, self._extra_fields))
         if self.metadata_callback is not None:
             self._episode_metadata = dict(self.metadata_callback(rl_tuple))
-        self._tuples.append(rl_tuple)
-        info = tuple_info(rl_tuple, self._extra_fields)
-        self._infos.append(info)
-        self._has_info = self._has_info or bool(info)
 
     def _end_episode(self, terminated: bool, truncated: bool) -> None:
-        assert self._observations is not None
-        observations = self._observations
-        self._observations = None  # steps after the end are not recorded until reset()
+        self._recording = False  # steps after the end are not recorded until reset()
         if self.metadata_callback is not None:
             self.metadata_callback.reset()
         if self.id is None:
+            self._columns.drop()
             raise TupliStorageError(
                 "an episode ended but this TupliEnvWrapper has no benchmark id; expected "
                 "store() to be called (or benchmark_id to be given) before recording: call "
                 "store(), or deactivate_recording() to run without recording"
             )
-        episode = make_episode(
-            stack_trees(observations),
-            stack_trees(self._actions),
-            np.asarray(self._rewards, dtype=np.float64),
-            terminated=terminated,
-            truncated=truncated,
-            benchmark_id=self.id,
-            metadata=self._episode_metadata,
-            infos=[info or {} for info in self._infos] if self._has_info else None,
+        infos = self._infos
+        cols = self._columns
+        steps = cols.end(
+            terminated,
+            truncated,
+            self.id,
+            self._episode_metadata,
+            [info or {} for info in infos] if infos is not None and any(infos) else None,
         )
-        self._sink.add([episode])
+        self._sink.ended(steps, steps * cols.step_nbytes)
 
     def close(self) -> None:
         """Drops the unfinished episode, writes the pending ones, then closes the env."""
@@ -333,6 +343,7 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
         *,
         batch_steps: int = DEFAULT_BATCH_STEPS,
         interval_s: float = DEFAULT_INTERVAL_S,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
     ) -> TupliEnvWrapper:
         """Loads a stored benchmark and wraps its env.
 
@@ -344,6 +355,7 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
             trusted: Allow any callable in the stored payload (only for stores you trust).
             batch_steps: As in the constructor.
             interval_s: As in the constructor.
+            batch_bytes: As in the constructor.
 
         Raises:
             TupliStorageError: Unknown id.
@@ -366,4 +378,5 @@ class TupliEnvWrapper(BenchmarkMixin, gymnasium.Wrapper[Any, Any, Any, Any]):
             rl_tuple_cls,
             batch_steps=batch_steps,
             interval_s=interval_s,
+            batch_bytes=batch_bytes,
         )

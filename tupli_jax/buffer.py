@@ -189,10 +189,11 @@ class RowCodec:
         packed = jnp.concatenate(words) if words else jnp.zeros((0,), jnp.uint32)
         return packed, tuple(big)
 
-    def empty(self, num_rows: int) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Zero storage for ``num_rows`` rows: ``[R, W]`` words and ``[R, n_i]`` large leaves."""
-        words = jnp.zeros((num_rows, self.num_words), jnp.uint32)
-        big = tuple(jnp.zeros((num_rows, s.size), s.dtype) for s in self.big_slots)
+    def empty(self, *rows: int) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Zero storage for rows laid out as ``rows`` (e.g. ``(R,)`` or time-major ``(T, B)``):
+        ``[*rows, W]`` words and ``[*rows, n_i]`` large leaves."""
+        words = jnp.zeros((*rows, self.num_words), jnp.uint32)
+        big = tuple(jnp.zeros((*rows, s.size), s.dtype) for s in self.big_slots)
         return words, big
 
     def decode(self, words: np.ndarray, big: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -160,10 +160,7 @@ def _make_chunk(rec: RecordingWrapper, policy: Policy, num_envs: int, length: in
 
 def _empty_rows(rec: RecordingWrapper, num_envs: int, length: int) -> Any:
     """Time-major step-row storage of one chunk: ``(words [T, B, Ws], big [T, B, n_i])``."""
-    codec = rec.buffer_spec.step_codec
-    words = jnp.zeros((length, num_envs, codec.num_words), jnp.uint32)
-    big = tuple(jnp.zeros((length, num_envs, s.size), s.dtype) for s in codec.big_slots)
-    return words, big
+    return rec.buffer_spec.step_codec.empty(length, num_envs)
 
 
 class _Writer:

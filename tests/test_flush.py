@@ -13,9 +13,43 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tupli_jax.flush import HostChunk, OpenEpisode, cut_episodes
+from tupli_jax.flush import HostChunk, OpenEpisode, cut_columns
 from tupli_jax.recorder import RecordingWrapper
 from tupli_jax.testing import FakeEnv
+
+
+@dataclasses.dataclass
+class _Cut:
+    """One episode of a ``CutColumns``, split out for the model checks below."""
+
+    env_index: int
+    start_number: int
+    observations: list[np.ndarray]
+    data: list[np.ndarray]
+    terminated: bool
+    truncated: bool
+
+
+def cut_episodes(
+    chunk: HostChunk, carry: list[OpenEpisode | None]
+) -> tuple[list[_Cut], list[OpenEpisode | None]]:
+    """``cut_columns``, split per episode along its ``n_tuples`` (T + 1 observation rows)."""
+    cut, new_carry = cut_columns(chunk, carry)
+    step_at = np.concatenate([[0], np.cumsum(cut.n_tuples)]).tolist()
+    obs_at = np.concatenate([[0], np.cumsum(cut.n_tuples + 1)]).tolist()
+    episodes = [
+        _Cut(
+            env_index=int(cut.env_index[i]),
+            start_number=int(cut.start_number[i]),
+            observations=[x[obs_at[i] : obs_at[i + 1]] for x in cut.observations],
+            data=[x[step_at[i] : step_at[i + 1]] for x in cut.data],
+            terminated=bool(cut.terminated[i]),
+            truncated=not bool(cut.terminated[i]),  # as the flush stores it
+        )
+        for i in range(len(cut))
+    ]
+    return episodes, new_carry
+
 
 # -- a model of the device stream ------------------------------------------------------------
 #

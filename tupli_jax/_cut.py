@@ -34,12 +34,10 @@ import numpy as np
 __all__ = [
     "MOD",
     "CutColumns",
-    "CutEpisode",
     "HostChunk",
     "OpenEpisode",
     "concat",
     "cut_columns",
-    "cut_episodes",
 ]
 
 MOD = 1 << 32
@@ -67,27 +65,6 @@ class OpenEpisode:
     def length(self) -> int:
         """Steps seen so far."""
         return sum(len(p) for p in self.data[0]) if self.data else 0
-
-
-@dataclasses.dataclass
-class CutEpisode:
-    """A complete episode cut from host rows (flat leaves; see :func:`cut_episodes`).
-
-    Attributes:
-        env_index: Index of the environment in the (flattened) batch.
-        start_number: Step number of its first step.
-        observations: Observation leaves ``[T + 1, ...]``.
-        data: Data leaves ``[T, ...]``.
-        terminated: Ended with discount 0.
-        truncated: Ended with discount > 0.
-    """
-
-    env_index: int
-    start_number: int
-    observations: list[np.ndarray]
-    data: list[np.ndarray]
-    terminated: bool
-    truncated: bool
 
 
 @dataclasses.dataclass
@@ -266,20 +243,20 @@ class _Plan:
     @classmethod
     def episodes(
         cls,
-        prefix: _Segments,
         prefix_source: int,
-        step_env: np.ndarray,
+        prefix_start: np.ndarray,
+        prefix_len: np.ndarray,
+        env: np.ndarray,
         step_start: np.ndarray,
         step_len: np.ndarray,
     ) -> _Plan:
-        """Per episode ``prefix[3]`` rows from ``prefix_source`` (``prefix[0]`` is ignored),
-        then ``step_len`` step rows of env ``step_env``."""  # fmt: skip
-        _, env, row_start, length = prefix
-        per = length + step_len
+        """Per episode ``prefix_len`` rows of source ``prefix_source`` from ``prefix_start``
+        (rows of ``env`` for reset rows), then ``step_len`` step rows of ``env``."""
+        per = prefix_len + step_len
         first = np.cumsum(per) - per
         empty = (np.zeros(0, np.int64),) * 4
-        segments: list[_Segments] = [(first + length, step_env, step_start, step_len), empty, empty]
-        segments[prefix_source] = (first, env, row_start, length)
+        segments: list[_Segments] = [(first + prefix_len, env, step_start, step_len), empty, empty]
+        segments[prefix_source] = (first, env, prefix_start, prefix_len)
         return cls.from_segments(int(per.sum()), segments)
 
     def gather(self, sources: Sequence[np.ndarray | None], like: np.ndarray) -> np.ndarray:
@@ -341,9 +318,10 @@ def _carry_tails(
     fresh = reset_row >= 0
     step_len = stop - start
     zero = np.zeros(len(spans), np.int64)
-    reset_rows = (zero, env, np.maximum(reset_row, 0), fresh.astype(np.int64))
-    obs_plan = _Plan.episodes(reset_rows, 1, env, start, step_len)
-    data_plan = _Plan.episodes((zero, env, zero, zero), 2, env, start, step_len)
+    obs_plan = _Plan.episodes(
+        1, np.maximum(reset_row, 0), fresh.astype(np.int64), env, start, step_len
+    )
+    data_plan = _Plan.episodes(2, zero, zero, env, start, step_len)
     obs_pool = [
         obs_plan.gather((s_leaf, r_leaf, None), s_leaf)
         for s_leaf, r_leaf in zip(chunk.step_observations, chunk.reset_observations, strict=True)
@@ -429,8 +407,8 @@ def cut_columns(
             chunk.step_observations, chunk.reset_observations, obs_pool, strict=True
         )
     ]
-    pooled = (env, env, np.cumsum(carried_data) - carried_data, carried_data)
-    data_plan = _Plan.episodes(pooled, 2, env, start, step_len)
+    pool_start = np.cumsum(carried_data) - carried_data
+    data_plan = _Plan.episodes(2, pool_start, carried_data, env, start, step_len)
     data = [
         data_plan.gather((leaf, None, pool), leaf)
         for leaf, pool in zip(chunk.step_data, data_pool, strict=True)
@@ -465,45 +443,3 @@ def _observation_plan(
             (first[is_carried], env[is_carried], pool_start[is_carried], carried_obs[is_carried]),
         ),
     )
-
-
-def cut_episodes(
-    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[list[CutEpisode], list[OpenEpisode | None]]:
-    """:func:`cut_columns`, split into one :class:`CutEpisode` per episode (views).
-
-    Args:
-        chunk: The rows of ``B`` environments.
-        carry: As in :func:`cut_columns`.
-
-    Returns:
-        The complete episodes in environment then time order, and the new carry.
-
-    Example:
-        >>> chunk = HostChunk(
-        ...     step_number=np.array([[0, 1]], np.uint32), last=np.array([[False, True]]),
-        ...     discount=np.array([[1.0, 0.0]]), num_steps=np.array([2]),
-        ...     step_observations=[np.array([[1.0, 2.0]])], step_data=[np.array([[5, 6]])],
-        ...     reset_number=np.array([[0, 2]], np.uint32), num_resets=np.array([2]),
-        ...     reset_observations=[np.array([[0.0, 9.0]])], end_number=np.array([2], np.uint32),
-        ...     fresh=np.array([True]))
-        >>> episodes, new_carry = cut_episodes(chunk, [None])
-        >>> episodes[0].observations[0].tolist(), episodes[0].terminated, new_carry[0].length
-        ([0.0, 1.0, 2.0], True, 0)
-    """
-    cut, new_carry = cut_columns(chunk, carry)
-    lengths = cut.n_tuples
-    step_at = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    obs_at = np.concatenate([[0], np.cumsum(lengths + 1)]).tolist()
-    episodes = [
-        CutEpisode(
-            env_index=int(cut.env_index[i]),
-            start_number=int(cut.start_number[i]),
-            observations=[x[obs_at[i] : obs_at[i + 1]] for x in cut.observations],
-            data=[x[step_at[i] : step_at[i + 1]] for x in cut.data],
-            terminated=bool(cut.terminated[i]),
-            truncated=not bool(cut.terminated[i]),
-        )
-        for i in range(len(cut))
-    ]
-    return episodes, new_carry

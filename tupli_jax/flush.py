@@ -29,12 +29,10 @@ import numpy as np
 from tupli_jax._cut import (
     MOD,
     CutColumns,
-    CutEpisode,
     HostChunk,
     OpenEpisode,
     concat,
     cut_columns,
-    cut_episodes,
 )
 from tupli_jax.episode import EpisodeBatch, EpisodeData
 
@@ -46,13 +44,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CutColumns",
-    "CutEpisode",
     "Flusher",
     "HostChunk",
     "OpenEpisode",
     "PendingFlush",
     "cut_columns",
-    "cut_episodes",
 ]
 
 

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import chex
@@ -36,15 +39,19 @@ from jumanji import specs
 from jumanji.env import Environment
 from jumanji.types import StepType, TimeStep, restart
 
+import tupli_jax as tj
+
 __all__ = [
     "CartPole",
     "CartPoleState",
     "ENV_IDS",
     "Prepared",
     "Rollout",
+    "compile_rollout",
     "make_env",
     "make_rollout",
     "prepare",
+    "record_once",
     "time_run",
 ]
 
@@ -248,13 +255,59 @@ class Prepared:
 
 
 def prepare(env: Any, num_envs: int, length: int, extra: Any = None, hook: Any = None) -> Prepared:
-    """Jits ``init``, compiles ``run`` (timed: trace + lower + compile)."""
+    """``make_rollout`` compiled by ``compile_rollout``."""
     init, run = make_rollout(env, num_envs, length, extra=extra, hook=hook)
+    return compile_rollout(init, run)
+
+
+def compile_rollout(init: Callable[[jax.Array], Any], run: Callable[[Any], Any]) -> Prepared:
+    """Jits ``init``, compiles ``run`` with its carry donated (timed: trace + lower + compile)."""
     init_j = jax.jit(init)
     carry = jax.block_until_ready(init_j(jax.random.PRNGKey(0)))
     start = time.perf_counter()
     compiled = jax.jit(run, donate_argnums=0).lower(carry).compile()
     return Prepared(init_j, compiled, time.perf_counter() - start)
+
+
+def _size(root: Path) -> tuple[int, int]:
+    """Bytes of the shard files and of the whole store directory."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    shards = sum(p.stat().st_size for p in files if p.suffix == ".arrow")
+    return shards, sum(p.stat().st_size for p in files)
+
+
+def record_once(env: Any, num_envs: int, steps: int, capacity: int) -> dict[str, Any]:
+    """One ``tj.record`` job into a new store; its figures (the store is deleted after).
+
+    ``seconds`` is the job's wall time minus ``RecordResult.compile_seconds`` (opening the
+    empty store is not timed).
+    """
+    root = Path(tempfile.mkdtemp(prefix="bench_record_"))
+    try:
+        storage = tj.FileStorage(root)
+        start = time.perf_counter()
+        result = tj.record(
+            env,
+            storage=storage,
+            num_envs=num_envs,
+            num_steps=steps,
+            capacity=capacity,
+            seed=0,
+            name="bench",
+            progress=False,
+        )
+        wall = time.perf_counter() - start
+        shards, total = _size(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "seconds": wall - result.compile_seconds,
+        "compile": result.compile_seconds,
+        "episodes": result.num_episodes,
+        "transitions": result.num_transitions,
+        "shard_bytes": shards,
+        "store_bytes": total,
+    }
 
 
 def time_run(p: Prepared, key: jax.Array, chunks: int = 1) -> float:

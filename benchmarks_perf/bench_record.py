@@ -32,54 +32,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
 from jumanji.wrappers import AutoResetWrapper
 
-import tupli_jax as tj
-from benchmarks_perf._envs import ENV_IDS, make_env, prepare, time_run
-
-
-def _size(root: Path) -> tuple[int, int]:
-    """Bytes of the shard files and of the whole store directory."""
-    files = [p for p in root.rglob("*") if p.is_file()]
-    shards = sum(p.stat().st_size for p in files if p.suffix == ".arrow")
-    return shards, sum(p.stat().st_size for p in files)
-
-
-def record_once(env: Any, num_envs: int, steps: int, capacity: int) -> dict[str, Any]:
-    """One ``tj.record`` job into a new store; its figures (the store is deleted after)."""
-    root = Path(tempfile.mkdtemp(prefix="bench_record_"))
-    try:
-        start = time.perf_counter()
-        result = tj.record(
-            env,
-            storage=tj.FileStorage(root),
-            num_envs=num_envs,
-            num_steps=steps,
-            capacity=capacity,
-            seed=0,
-            name="bench",
-            progress=False,
-        )
-        wall = time.perf_counter() - start
-        shards, total = _size(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return {
-        "seconds": wall - result.compile_seconds,
-        "compile": result.compile_seconds,
-        "episodes": result.num_episodes,
-        "transitions": result.num_transitions,
-        "shard_bytes": shards,
-        "store_bytes": total,
-    }
+from benchmarks_perf._envs import ENV_IDS, make_env, prepare, record_once, time_run
 
 
 def bench_env(

@@ -61,8 +61,10 @@ import tupli_jax as tj
 from benchmarks_perf._envs import (
     ENV_IDS,
     Prepared,
+    compile_rollout,
     make_env,
     prepare,
+    record_once,
     time_run,
 )
 
@@ -130,11 +132,7 @@ def prepare_time_major(env: Any, num_envs: int, steps: int) -> Prepared:
         carry, (observation, outs, rows) = chunk(*c)
         return (carry, observation, rows), outs
 
-    init_j = jax.jit(init)
-    carry = jax.block_until_ready(init_j(jax.random.PRNGKey(0)))
-    start = time.perf_counter()
-    compiled = jax.jit(run, donate_argnums=0).lower(carry).compile()
-    return Prepared(init_j, compiled, time.perf_counter() - start)
+    return compile_rollout(init, run)
 
 
 def prepare_device(mode: str, env: Any, num_envs: int, steps: int) -> Prepared:
@@ -148,25 +146,6 @@ def prepare_device(mode: str, env: Any, num_envs: int, steps: int) -> Prepared:
         return prepare_time_major(env, num_envs, steps)
     make_empty, hook = _flashbax(auto, num_envs, steps)
     return prepare(auto, num_envs, steps, extra=make_empty, hook=hook)
-
-
-def time_record(env: Any, num_envs: int, steps: int, capacity: int) -> tuple[float, float, int]:
-    """``tj.record`` into a new store: (seconds without compile, compile seconds, episodes)."""
-    root = tempfile.mkdtemp(prefix="bench_recorder_")
-    try:
-        result = tj.record(
-            env,
-            storage=tj.FileStorage(root),
-            num_envs=num_envs,
-            num_steps=steps,
-            capacity=capacity,
-            seed=0,
-            name="bench",
-            progress=False,
-        )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return result.seconds - result.compile_seconds, result.compile_seconds, result.num_episodes
 
 
 class ManualLoop:
@@ -241,11 +220,12 @@ def bench_flush(
     key = jax.random.PRNGKey(1)
     time_run(base, key, chunks)  # warm-up
     manual.time(key, chunks)
-    _, record_compile, episodes = time_record(env, num_envs, steps, capacity)
+    first = record_once(env, num_envs, steps, capacity)
+    record_compile, episodes = first["compile"], first["episodes"]
     times: dict[str, list[float]] = {m: [] for m in FLUSH_MODES}
     for _ in range(repeats):
         times["unrecorded, chunked"].append(time_run(base, key, chunks))
-        times["tj.record"].append(time_record(env, num_envs, steps, capacity)[0])
+        times["tj.record"].append(record_once(env, num_envs, steps, capacity)["seconds"])
         times["fetch/write"].append(manual.time(key, chunks))
     return {
         "capacity": capacity,

@@ -96,11 +96,6 @@ def cartpole_payload_with(evil: Any) -> str:
     return json.dumps(data)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> FileStorage:
-    return FileStorage(tmp_path / "store")
-
-
 # --------------------------------------------------------------------------------------------
 # round trips that must load without trusted=True
 # --------------------------------------------------------------------------------------------

@@ -53,11 +53,6 @@ class Frame(NamedTuple):
 # helpers
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> FileStorage:
-    return FileStorage(tmp_path / "store")
-
-
 def _bench(store: FileStorage, name: str = "bench") -> str:
     query = BenchmarkQuery(hash=name, serialized="{}", metadata=BenchmarkMetadata(name=name))
     return store.store_benchmark(query).id

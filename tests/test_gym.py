@@ -136,11 +136,6 @@ def assert_matches(played: Played, header: Any, data: Any) -> None:
     np.testing.assert_array_equal(data.discounts, expected_discounts)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> FileStorage:
-    return FileStorage(tmp_path / "store")
-
-
 # ----------------------------------------------------------------------------------------------
 # Module surface
 # ----------------------------------------------------------------------------------------------

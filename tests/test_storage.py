@@ -60,11 +60,6 @@ def _query(hash: str = "h", name: str = "bench", **extra: Any) -> BenchmarkQuery
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FileStorage:
-    return FileStorage(tmp_path / "store")
-
-
-@pytest.fixture
 def bench(store: FileStorage) -> str:
     return store.store_benchmark(_query()).id
 

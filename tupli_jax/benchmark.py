@@ -34,7 +34,7 @@ import pydantic
 from jsonpickle import tags
 from jsonpickle.pickler import Pickler
 
-from tupli_jax import _safe_json
+from tupli_jax import _isolated, _safe_json
 from tupli_jax._safe_json import MAX_DECODED_BYTES, UnsafePayloadError
 from tupli_jax.schema import BenchmarkMetadata, BenchmarkQuery, FilterEQ
 from tupli_jax.storage.base import TupliStorage, TupliStorageError
@@ -104,6 +104,17 @@ class _EnvPickler(Pickler):
 
 
 def _encode(value: Any, *, indent: int | None, warn: bool) -> str:
+    """jsonpickle JSON of ``value``, encoded in a forked child where that is safe.
+
+    Encoding reads every object's ``__dict__``, which on CPython 3.11-3.12 slows every later
+    attribute access on the env (``tupli_jax._isolated``); a fork leaves them untouched. The
+    text is the same either way; errors and warnings come from an in-process re-run.
+    """
+    text = _isolated.run_in_fork(lambda: _encode_here(value, indent=indent, warn=warn))
+    return text if text is not None else _encode_here(value, indent=indent, warn=warn)
+
+
+def _encode_here(value: Any, *, indent: int | None, warn: bool) -> str:
     try:
         pickler = _EnvPickler(keys=True, warn=warn)
         return str(jsonpickle.encode(value, indent=indent, context=pickler))

@@ -6,13 +6,12 @@ pre-drawn actions are run through
 - ``raw gymnasium``: the env exactly as ``gymnasium.make("CartPole-v1")`` returns it
   (``TimeLimit(OrderEnforcing(PassiveEnvChecker(CartPoleEnv)))``), no recording. The recorded
   paths below wrap this same stack, so gymnasium's own wrappers are on both sides.
-- ``raw, serialized``: the same env after ``tupli_jax.benchmark.serialize_env(env)``, which is
-  what ``store()`` does to the env in both pytupli's and tupli_jax's wrapper (pytupli:
-  ``jsonpickle.encode``). On CPython 3.11 reading an object's ``__dict__`` (jsonpickle, pickle,
-  ``copy``, ``vars``) materialises its instance dict for good, and attribute and method loads on
-  it stop being specialised: CartPole's step then runs ~17% more instructions (callgrind). This
-  is the like-for-like baseline of the wrapper's own cost; the plain raw env is the user's
-  baseline. Both ratios are printed.
+- ``raw, serialized``: the same env after ``jsonpickle.encode(env, indent=4, warn=True)`` in
+  this process, which is what pytupli's ``store()`` does to the env. On CPython 3.11 reading an
+  object's ``__dict__`` (jsonpickle, pickle, ``copy``, ``vars``) materialises its instance dict
+  for good, and attribute and method loads on it stop being specialised: CartPole's step then
+  runs ~16% more instructions (callgrind). tupli_jax's ``store()`` encodes in a forked child
+  (``tupli_jax._isolated``) and leaves the env as it was; this row is pytupli's baseline.
 - pytupli's ``TupliEnvWrapper`` + pytupli's ``FileStorage`` (one JSON file per episode);
 - Minari's ``DataCollector`` (``create_dataset`` at the end, in a temporary directory; slow, so
   ``--minari-repeats`` runs only);
@@ -30,8 +29,10 @@ objects), next to the whole ``FileStorage.record_episodes`` (shards + catalog), 
 
 Every runner is timed ``--repeats`` times, interleaved (each repeat runs every runner once, in a
 rotating order, so that machine noise hits all of them alike), each run in a fresh interpreter
-(see ``_interleaved``). Printed: median steps/s and ratios of median times; "best" is the ratio
-of the fastest runs (what the code costs when the shared machine lets it run). Wall-clock time
+(see ``_interleaved``). Printed: median steps/s; time ratios as the median of per-repeat
+ratios ("paired", the headline: the machine's speed drifts over seconds, and the runs of one
+repeat run back to back), as the ratio of median times, and of the fastest runs ("best": what
+the code costs when the shared machine lets it run). Wall-clock time
 is the figure; CPU time of the run's process is printed next to it because on a shared machine
 other processes stretch wall time (CPU time leaves out waiting for fsync, so it flatters
 tupli_jax a little). Targets (issue 4): tupli_jax <= 1.5x the raw env's
@@ -60,9 +61,9 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium
+import jsonpickle
 import numpy as np
 
-from tupli_jax.benchmark import serialize_env
 from tupli_jax.episode import EpisodeData
 from tupli_jax.gym import FileStorage, TupliEnvWrapper, TupliVectorEnvWrapper
 from tupli_jax.storage.shards import (
@@ -144,7 +145,7 @@ def run_raw(seeds: list[int], actions: np.ndarray) -> Run:
 
 def run_raw_serialized(seeds: list[int], actions: np.ndarray) -> Run:
     env = gymnasium.make("CartPole-v1")
-    serialize_env(env)  # what store() does to the env (see the module docs)
+    jsonpickle.encode(env, indent=4, warn=True)  # what pytupli's store() does to the env
     clock = _Clock()
     steps = _episodes(env, seeds, actions)
     return clock.stop(steps)
@@ -347,12 +348,20 @@ def _interleaved(
     return runs
 
 
-def _ratio(runs: list[Run], base: list[Run], how: str = "wall") -> float:
-    """``time(runs) / time(base)``: medians of wall (``"wall"``) or CPU (``"cpu"``) seconds, or
-    the fastest wall times (``"best"``)."""
+def _ratio(runs: list[Run], base: list[Run], how: str = "paired") -> float:
+    """``time(runs) / time(base)``.
+
+    ``"paired"`` (the headline): the median over repeats of the ratio of the two runs of one
+    repeat, which ran back to back; this machine's speed drifts by up to 2x over seconds (a
+    shared VM: the same raw CartPole loop takes 0.23-0.58 s from one run to the next), and
+    pairing cancels what the two runs of a repeat share. ``"wall"`` / ``"cpu"``: ratio of the
+    medians of wall / CPU seconds. ``"best"``: ratio of the fastest wall times.
+    """
+    median = statistics.median
+    if how == "paired":
+        return median(r.wall / b.wall for r, b in zip(runs, base, strict=False))
     if how == "best":
         return min(r.wall for r in runs) / min(b.wall for b in base)
-    median = statistics.median
     return median(getattr(r, how) for r in runs) / median(getattr(b, how) for b in base)
 
 
@@ -388,21 +397,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pyt = runs.get("pytupli TupliEnvWrapper")
     figures: dict[str, float] = {}
     steps = raw[0].steps
-    print(f"\nCartPole-v1, {args.episodes} episodes, {steps} steps, medians of {args.repeats}")
+    print(f"\nCartPole-v1, {args.episodes} episodes, {steps} steps, {args.repeats} repeats")
+    print("time ratios: paired = median of per-repeat ratios (headline); medians = ratio of")
+    print("median times; best = ratio of fastest times; CPU = ratio of median CPU times")
     print(
-        f"{'runner':<27}{'steps/s':>9}{'time vs raw':>12}{'(best)':>8}{'vs raw ser.':>12}"
-        f"{'vs pytupli':>11}{'(best)':>8}{'| CPU: vs raw':>14}{'vs pytupli':>11}"
+        f"{'runner':<27}{'steps/s':>9}{'| vs raw: paired':>17}{'medians':>9}{'best':>7}"
+        f"{'| vs raw ser.':>14}{'| vs pytupli: paired':>21}{'medians':>9}{'best':>7}"
+        f"{'| CPU vs raw':>13}"
     )
     for name, rs in runs.items():
         assert all(r.steps == steps for r in rs), "every runner must run the same steps"
         wall = statistics.median(r.wall for r in rs)
-        speed = f"{_ratio(pyt, rs):.2f}x" if pyt else "-"
-        best_speed = f"{_ratio(pyt, rs, 'best'):.2f}x" if pyt else "-"
-        cpu_speed = f"{_ratio(pyt, rs, 'cpu'):.2f}x" if pyt else "-"
+        speed = [f"{_ratio(pyt, rs, how):.2f}x" if pyt else "-" for how in ("paired", "wall")]
+        speed.append(f"{_ratio(pyt, rs, 'best'):.2f}x" if pyt else "-")
         print(
-            f"{name:<27}{steps / wall:>9,.0f}{_ratio(rs, raw):>11.2f}x"
-            f"{_ratio(rs, raw, 'best'):>7.2f}x{_ratio(rs, ser):>11.2f}x{speed:>11}{best_speed:>8}"
-            f"{_ratio(rs, raw, 'cpu'):>13.2f}x{cpu_speed:>11}"
+            f"{name:<27}{steps / wall:>9,.0f}{_ratio(rs, raw):>16.2f}x"
+            f"{_ratio(rs, raw, 'wall'):>8.2f}x{_ratio(rs, raw, 'best'):>6.2f}x"
+            f"{_ratio(rs, ser):>13.2f}x{speed[0]:>21}{speed[1]:>9}{speed[2]:>7}"
+            f"{_ratio(rs, raw, 'cpu'):>12.2f}x"
         )
         figures[name] = steps / wall
     tj = runs["tupli_jax TupliEnvWrapper"]
@@ -424,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         recorded = vruns["vector recorded"]
         print(
             f"{label:<20}{raw_vec.steps / raw_vec.wall:>13,.0f}{rec.steps / rec.wall:>18,.0f}"
-            f"{_ratio(recorded, vruns['vector raw']):>12.2f}x"
+            f"{_ratio(recorded, vruns['vector raw'], 'wall'):>12.2f}x"
             f"{statistics.median(r.write_s / r.wall for r in recorded):>13.0%}"
             f"{rec.steps / rec.cpu:>21,.0f}"
             f"{_ratio(recorded, vruns['vector raw'], 'cpu'):>7.2f}x"

@@ -1,7 +1,8 @@
 """End-to-end recording job: ``tj.record`` against the unrecorded rollout, in one run.
 
 For each env (CartPole-like, Game2048, Snake) at ``B = --num-envs`` over ``--transitions``
-transitions (``steps = transitions / B`` per env, in chunks of ``--capacity`` steps):
+transitions (``steps = transitions / B`` per env, in chunks of ``--capacity`` steps, by default
+``tj.record``'s own, 256):
 
 - ``unrecorded``: the same chunked ``jit(scan(vmap(step)))`` of the env in jumanji's
   ``AutoResetWrapper(next_obs_in_extras=True)``, same random policy and per-step bookkeeping as
@@ -30,6 +31,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import statistics
@@ -38,6 +40,7 @@ from typing import Any
 import jax
 from jumanji.wrappers import AutoResetWrapper
 
+import tupli_jax as tj
 from benchmarks_perf._envs import ENV_IDS, make_env, prepare, record_once, time_run
 
 
@@ -74,7 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--envs", default=",".join(ENV_IDS), help="comma-separated env ids")
     parser.add_argument("--num-envs", type=int, default=1024, help="B")
     parser.add_argument("--transitions", type=int, default=2**21, help="steps taken in total")
-    parser.add_argument("--capacity", type=int, default=128, help="steps per chunk")
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=inspect.signature(tj.record).parameters["capacity"].default,
+        help="steps per chunk (default: tj.record's)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure")
     args = parser.parse_args(argv)
     steps = max(args.transitions // args.num_envs // args.capacity, 1) * args.capacity

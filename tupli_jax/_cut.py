@@ -141,11 +141,42 @@ class _Span:
     next_number: int = 0  # tails only: the number its next step must have
 
 
+@dataclasses.dataclass
+class _Complete:
+    """The complete episodes found by the index pass, as arrays in environment then time order
+    (``reset_row`` is -1 for an episode that continues a carried one; ``carried`` holds those
+    carried parts, in the same order)."""
+
+    env: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    reset_row: np.ndarray
+    start_number: np.ndarray
+    carried: list[OpenEpisode]
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Per query, the value of its key (the last one in ``keys`` order for repeated keys), or
+    -1 when the key is absent."""
+    if not len(keys):
+        return np.full(len(queries), -1, np.int64)
+    order = np.argsort(keys, kind="stable")
+    pos = np.searchsorted(keys[order], queries, side="right") - 1
+    hit = (pos >= 0) & (keys[order][np.maximum(pos, 0)] == queries)
+    return np.where(hit, values[order][np.maximum(pos, 0)], -1)
+
+
 def _spans(
     chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[list[_Span], list[_Span | OpenEpisode | None]]:
-    """Index pass (integer work only): the complete episodes, and per env what to carry: a
-    tail span to gather, a carried episode passed on unchanged (no steps this flush), or None.
+) -> tuple[_Complete, list[_Span | OpenEpisode | None]]:
+    """Index pass (integer work, vectorised over environments): the complete episodes, and per
+    env what to carry: a tail span to gather, a carried episode passed on unchanged (no steps
+    this flush), or None.
+
+    Each env's valid step rows split into segments ending at its LAST rows, plus an unfinished
+    tail after the last one. A segment is a complete episode when its first step either
+    continues the env's carried episode (first segment only, matching step number) or has a
+    reset row, and its step numbers have no gap.
     """
     num_envs, num_rows = chunk.step_number.shape
     steps = np.asarray(chunk.num_steps, np.int64)
@@ -156,50 +187,80 @@ def _spans(
             f"rows) than were fetched ({num_rows} and {chunk.reset_number.shape[1]})."
         )
     numbers = chunk.step_number.astype(np.int64)
-    # gaps[b, j]: rows j - 1 and j are not consecutive steps (recording was off in between).
+    # gap_count[b, j]: how many pairs of consecutive rows up to j are not consecutive steps
+    # (recording was off in between); a segment is gap-free if it is equal at both ends.
     gaps = np.zeros((num_envs, num_rows), np.int64)
     gaps[:, 1:] = ((numbers[:, 1:] - numbers[:, :-1]) % MOD) != 1
     gap_count = np.cumsum(gaps, axis=1)
+    envs = np.arange(num_envs)
     last = chunk.last & (np.arange(num_rows)[None, :] < steps[:, None])
-    spans: list[_Span] = []
-    tails: list[_Span | OpenEpisode | None] = []
-    all_lasts = np.nonzero(last)
-    lasts_per_env = np.split(all_lasts[1], np.searchsorted(all_lasts[0], np.arange(1, num_envs)))
+    has_tail = (steps > 0) & ~last[envs, np.maximum(steps - 1, 0)]
+    ends = last.copy()
+    ends[envs[has_tail], steps[has_tail] - 1] = True
+    seg_env, seg_end = np.nonzero(ends)  # every segment's env and last row, in env-time order
+    n = len(seg_env)
+    first_of_env = np.ones(n, bool)
+    first_of_env[1:] = seg_env[1:] != seg_env[:-1]
+    last_of_env = np.ones(n, bool)
+    last_of_env[:-1] = first_of_env[1:]
+    seg_start = np.zeros(n, np.int64)
+    seg_start[1:] = seg_end[:-1] + 1
+    seg_start[first_of_env] = 0
+    first = numbers[seg_env, seg_start]
+
+    kept = [
+        None if b >= len(carry) or chunk.fresh[b] else carry[b] for b in range(num_envs)
+    ]  # fmt: skip
+    kept_next = np.array([-1 if k is None else k.next_number for k in kept], np.int64)
+    kept_start = np.array([0 if k is None else k.start_number for k in kept], np.int64)
+    continues = first_of_env & (kept_next[seg_env] == first)
+    reset_env, reset_j = np.nonzero(
+        np.arange(chunk.reset_number.shape[1])[None, :] < resets[:, None]
+    )
+    reset_key = reset_env * MOD + chunk.reset_number[reset_env, reset_j].astype(np.int64)
+    row = np.where(continues, -1, _lookup(reset_key, reset_j, seg_env * MOD + first))
+    complete = (continues | (row >= 0)) & (
+        gap_count[seg_env, seg_end] == gap_count[seg_env, seg_start]
+    )
+    number = np.where(continues, kept_start[seg_env], first)
+    is_tail = last_of_env & has_tail[seg_env]
+    emit = complete & ~is_tail
+    found = _Complete(
+        seg_env[emit].astype(np.int64),
+        seg_start[emit],
+        seg_end[emit] + 1,
+        row[emit],
+        number[emit],
+        [kept[b] for b in seg_env[emit & continues].tolist()],
+    )
+
+    tails: list[_Span | OpenEpisode | None] = [
+        kept[b] if t == 0 else None for b, t in enumerate(steps.tolist())
+    ]
+    for i in np.nonzero(is_tail & complete)[0].tolist():
+        b = int(seg_env[i])
+        tails[b] = _Span(
+            b,
+            int(seg_start[i]),
+            int(seg_end[i]) + 1,
+            int(row[i]),
+            kept[b] if continues[i] else None,
+            int(number[i]),
+            (int(numbers[b, seg_end[i]]) + 1) % MOD,
+        )
+    end_number = chunk.end_number.astype(np.int64)
+    # The episode that starts after the last LAST row (or the stream's first one): a reset row
+    # for the next step's number, no step yet.
+    end_row = _lookup(reset_key, reset_j, envs * MOD + end_number).tolist()
+    end, t_of = end_number.tolist(), steps.tolist()
     for b in range(num_envs):
-        t = int(steps[b])
-        numbers_b = numbers[b, :t].tolist()  # python ints: cheaper than numpy scalars below
-        gaps_b = gap_count[b, :t].tolist()
-        reset_rows = {n: j for j, n in enumerate(chunk.reset_number[b, : resets[b]].tolist())}
-        kept = None if chunk.fresh[b] or b >= len(carry) else carry[b]
-        tail: _Span | OpenEpisode | None = kept
-        s = 0
-        ends = lasts_per_env[b].tolist()
-        has_tail = not ends or ends[-1] != t - 1
-        if has_tail:
-            ends.append(t - 1)  # the unfinished tail (absent when t == 0)
-        for i, e in enumerate(ends):
-            if e < s:
-                continue
-            first = numbers_b[s]
-            continues = s == 0 and kept is not None and kept.next_number == first
-            base = kept if continues else None
-            row = reset_rows.get(first, -1) if base is None else -1
-            complete = (base is not None or row >= 0) and gaps_b[e] == gaps_b[s]
-            number = base.start_number if base is not None else first
-            tail = None
-            if complete and not (has_tail and i == len(ends) - 1):
-                spans.append(_Span(b, s, e + 1, row, base, number))
-            elif complete:  # the tail: carried to the next flush
-                tail = _Span(b, s, e + 1, row, base, number, (numbers_b[e] + 1) % MOD)
-            s = e + 1
-        end = int(chunk.end_number[b])
-        if tail is None and end in reset_rows:
-            # The episode that starts after the last LAST row (or the stream's first one).
-            tail = _Span(b, t, t, reset_rows[end], None, end, end)
-        if tail is not None and tail.next_number != end:
+        tail = tails[b]
+        if tail is None and end_row[b] >= 0:
+            tail = _Span(b, t_of[b], t_of[b], end_row[b], None, end[b], end[b])
+        if tail is not None and tail.next_number != end[b]:
             tail = None  # steps were taken unrecorded since: the episode can't be complete
-        tails.append(tail)
-    return spans, tails
+        tails[b] = tail
+    return found, tails
 
 
 _Segments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -288,11 +349,13 @@ _SEGMENT_COPY_BYTES = 4096  # mean bytes per run from which runs are copied one 
 _MAX_PIECES = 4  # a carried episode's pieces are joined beyond this (bounds the pools kept alive)
 
 
-def _carried_pool(spans: Sequence[_Span], field: str, num_leaves: int) -> list[np.ndarray | None]:
-    """Per leaf, the carried pieces of ``spans`` (those continuing an episode) back to back."""
+def _carried_pool(
+    carried: Sequence[OpenEpisode], field: str, num_leaves: int
+) -> list[np.ndarray | None]:
+    """Per leaf, the pieces of the ``carried`` episodes back to back."""
     pool: list[np.ndarray | None] = []
     for j in range(num_leaves):
-        pieces = [p for sp in spans if sp.base is not None for p in getattr(sp.base, field)[j]]
+        pieces = [p for ep in carried for p in getattr(ep, field)[j]]
         pool.append(np.concatenate(pieces, axis=0) if pieces else None)
     return pool
 
@@ -385,19 +448,17 @@ def cut_columns(
         >>> cut.observations[0].tolist(), cut.n_tuples.tolist(), cut.terminated.tolist()
         ([0.0, 1.0, 2.0], [2], [True])
     """
-    spans, tails = _spans(chunk, carry)
-    n = len(spans)
-    env, start, stop, reset_row = _span_arrays(spans)
-    numbers = np.fromiter((sp.start_number for sp in spans), np.int64, count=n)
+    found, tails = _spans(chunk, carry)
+    env, start, stop, reset_row = found.env, found.start, found.stop, found.reset_row
+    n = len(env)
     is_carried = reset_row < 0
     carried_obs = np.zeros(n, np.int64)
     carried_data = np.zeros(n, np.int64)
-    carried = [sp.base for sp in spans if sp.base is not None]
-    if carried:
-        carried_obs[is_carried] = [sum(len(p) for p in ep.observations[0]) for ep in carried]
-        carried_data[is_carried] = [ep.length for ep in carried]
-    obs_pool = _carried_pool(spans, "observations", len(chunk.step_observations))
-    data_pool = _carried_pool(spans, "data", len(chunk.step_data))
+    if found.carried:
+        carried_obs[is_carried] = [sum(len(p) for p in ep.observations[0]) for ep in found.carried]
+        carried_data[is_carried] = [ep.length for ep in found.carried]
+    obs_pool = _carried_pool(found.carried, "observations", len(chunk.step_observations))
+    data_pool = _carried_pool(found.carried, "data", len(chunk.step_data))
     step_len = stop - start
     # Observations: the reset row (new episode) or the carried rows (pool), then step rows.
     obs_plan = _observation_plan(is_carried, carried_obs, reset_row, env, start, step_len)
@@ -415,7 +476,9 @@ def cut_columns(
     ]
     last_rows = chunk.discount[env, stop - 1]
     terminated = np.all((last_rows == 0).reshape(n, -1), axis=1) if n else np.zeros(0, bool)
-    cut = CutColumns(observations, data, carried_data + step_len, terminated, env, numbers)
+    cut = CutColumns(
+        observations, data, carried_data + step_len, terminated, env, found.start_number
+    )
     return cut, _carry_tails(chunk, tails)
 
 

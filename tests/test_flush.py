@@ -354,6 +354,36 @@ def test_fetch_with_num_steps_equals_exact_fetch() -> None:
             np.testing.assert_array_equal(x, y)
 
 
+def test_an_empty_fetch_changes_nothing() -> None:
+    """``fetch(num_steps=0)`` (no step row fetched) collects nothing and loses nothing."""
+    results = []
+    for empty_first in (False, True):
+        rec = _recorder()
+        state = _start(rec)
+        episodes = []
+        if empty_first:
+            state, pending = rec.fetch(state, num_steps=0)
+            episodes += rec.collect(pending)
+            assert episodes == []
+        state = _rollout(rec, state, 5, seed=7)
+        state, pending = rec.fetch(state)
+        episodes += rec.collect(pending)
+        state, pending = rec.fetch(state, num_steps=0)  # empty again, with carries open
+        episodes += rec.collect(pending)
+        state = _rollout(rec, state, 6, seed=8)
+        state, pending = rec.fetch(state)
+        episodes += rec.collect(pending)
+        results.append(episodes)
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results, strict=True):
+        for x, y in zip(
+            jax.tree.leaves(dataclasses.asdict(a)),
+            jax.tree.leaves(dataclasses.asdict(b)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_fetch_told_too_few_steps_is_refused() -> None:
     rec = _recorder()
     state = _rollout(rec, _start(rec), 5, seed=5)

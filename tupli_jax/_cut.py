@@ -194,7 +194,9 @@ def _spans(
     gap_count = np.cumsum(gaps, axis=1)
     envs = np.arange(num_envs)
     last = chunk.last & (np.arange(num_rows)[None, :] < steps[:, None])
-    has_tail = (steps > 0) & ~last[envs, np.maximum(steps - 1, 0)]
+    has_tail = steps > 0  # the last step row is not a LAST row (an unfinished tail)
+    if num_rows:  # else no env has a step row (checked above)
+        has_tail &= ~last[envs, np.maximum(steps - 1, 0)]
     ends = last.copy()
     ends[envs[has_tail], steps[has_tail] - 1] = True
     seg_env, seg_end = np.nonzero(ends)  # every segment's env and last row, in env-time order

@@ -58,7 +58,7 @@ print(json.dumps({
 
 # run_in_fork's contract, checked in a fresh single-threaded interpreter.
 CONTRACT_SCRIPT = r"""
-import json, threading, warnings
+import json, os, random, signal, threading, warnings
 from tupli_jax._isolated import fork_is_safe, run_in_fork
 
 seen = []
@@ -89,6 +89,34 @@ out["with_thread"] = [fork_is_safe(), run_in_fork(lambda: "t")]
 stop.set()
 worker.join()
 out["after_thread"] = run_in_fork(lambda: "t")
+
+# A lock held by a thread that threading does not count (as a native pool's could be): the
+# child blocks on it forever; the parent gives up after the timeout and kills the child.
+import _thread, time
+lock = _thread.allocate_lock()
+lock.acquire()
+_thread.start_new_thread(lambda: (time.sleep(30), lock.release()), ())
+def blocked():
+    with lock:
+        return "never"
+start = time.monotonic()
+out["timeout"] = [run_in_fork(blocked, timeout_s=1.0), round(time.monotonic() - start)]
+
+# The child gets this process's global random state (fork would reseed it).
+random.seed(5)
+expected = random.random()
+random.seed(5)
+out["random"] = [run_in_fork(lambda: repr(random.random())), repr(expected)]
+
+# A child killed by a signal; children reaped by someone else (SIGCHLD ignored).
+out["killed"] = run_in_fork(lambda: os.kill(os.getpid(), signal.SIGKILL) or "x")
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+out["sigchld_ignored"] = run_in_fork(lambda: "y")
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+out["after"] = run_in_fork(lambda: "z")
+out["zombies"] = [p for p in os.listdir("/proc") if p.isdigit()
+                  and open(f"/proc/{p}/stat").read().split()[3] == str(os.getpid())]
+
 import jax.numpy as jnp
 jnp.zeros(1).block_until_ready()
 out["with_jax"] = [fork_is_safe(), run_in_fork(lambda: "j")]
@@ -109,7 +137,10 @@ def _run(script: str, **env: str) -> dict[str, Any]:
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks on Linux only")
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or sys.version_info >= (3, 13),
+    reason="forks on Linux with CPython < 3.13 only",
+)
 
 
 @linux_only
@@ -141,15 +172,36 @@ def test_run_in_fork_contract() -> None:
     assert out["warns"] is None and out["raises"] is None and out["not_str"] is None
     assert out["with_thread"] == [False, None]
     assert out["after_thread"] == "t"
+    assert out["timeout"][0] is None and out["timeout"][1] < 10  # gave up after ~1 s
+    assert out["random"][0] == out["random"][1]
+    assert out["killed"] is None
+    assert out["sigchld_ignored"] is None  # status unknown: the caller encodes in-process
+    assert out["after"] == "z"
+    assert out["zombies"] == []  # every child was reaped (the timed-out one killed first)
     assert out["with_jax"] == [False, None]
 
 
+@pytest.fixture
+def forkable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This worker may have started JAX already (which turns forking off): pretend it has not,
+    and check that forking is on, so the tests below see only the condition they change."""
+    monkeypatch.setattr(_isolated, "_jax_started", lambda: False)
+    monkeypatch.delenv(_isolated.ENV_VAR, raising=False)
+    if threading.active_count() != 1:
+        pytest.skip("this worker runs other threads")
+    assert _isolated.fork_is_safe() is True
+
+
+@linux_only
+@pytest.mark.usefixtures("forkable")
 def test_disabled_by_the_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_isolated.ENV_VAR, "0")
     assert _isolated.fork_is_safe() is False
     assert _isolated.run_in_fork(lambda: "x") is None
 
 
+@linux_only
+@pytest.mark.usefixtures("forkable")
 def test_a_running_thread_turns_forking_off() -> None:
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)

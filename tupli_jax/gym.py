@@ -27,8 +27,8 @@ Differences from pytupli (fixes and additions):
 - ``store()`` leaves the env as fast as it was: jsonpickle reads every object's ``__dict__``,
   which on CPython 3.11-3.12 slows all later attribute access on it (~16% per CartPole step
   after pytupli's ``store()``); tupli_jax encodes in a forked child where that is safe (Linux,
-  one thread, no JAX backend started; ``TUPLI_JAX_FORK_ENCODE=0`` turns it off), with the same
-  text and hash (``tupli_jax._isolated``).
+  CPython < 3.13, one Python thread, no JAX backend started; ``TUPLI_JAX_FORK_ENCODE=0`` turns
+  it off), with the same text and hash (``tupli_jax._isolated``).
 - Extra fields of a custom ``rl_tuple_cls`` survive the round trip (``list_episodes`` on the
   wrapper rebuilds them); ``load``/``deserialize_env`` use an allow-list loader (``trusted=True``
   to opt out for payloads you trust).

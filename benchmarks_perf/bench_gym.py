@@ -354,8 +354,9 @@ def _ratio(runs: list[Run], base: list[Run], how: str = "paired") -> float:
     ``"paired"`` (the headline): the median over repeats of the ratio of the two runs of one
     repeat, which ran within seconds of each other; this machine's speed drifts by up to 2x
     over seconds (a shared VM: the same raw CartPole loop takes 0.23-0.58 s from one run to
-    the next), and pairing cancels what the two runs of a repeat share. ``"wall"`` / ``"cpu"``: ratio of the
-    medians of wall / CPU seconds. ``"best"``: ratio of the fastest wall times.
+    the next), and pairing cancels what the two runs of a repeat share. ``"wall"`` /
+    ``"cpu"``: ratio of the medians of wall / CPU seconds. ``"best"``: ratio of the fastest
+    wall times.
     """
     median = statistics.median
     if how == "paired":

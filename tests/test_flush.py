@@ -333,6 +333,18 @@ def test_flushing_the_same_state_twice_is_refused() -> None:
         rec.collect(stale)
 
 
+def _assert_same_episodes(a: list[Any], b: list[Any]) -> None:
+    """Two non-empty runs' episodes are equal, array for array."""
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        for u, v in zip(
+            jax.tree.leaves(dataclasses.asdict(x)),
+            jax.tree.leaves(dataclasses.asdict(y)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(u, v)
+
+
 def test_fetch_with_num_steps_equals_exact_fetch() -> None:
     results = []
     for num_steps in (None, 5):
@@ -344,44 +356,31 @@ def test_fetch_with_num_steps_equals_exact_fetch() -> None:
         state, pending = rec.fetch(state, num_steps=None if num_steps is None else 6)
         episodes += rec.collect(pending)
         results.append(episodes)
-    assert len(results[0]) == len(results[1]) > 0
-    for a, b in zip(*results, strict=True):
-        for x, y in zip(
-            jax.tree.leaves(dataclasses.asdict(a)),
-            jax.tree.leaves(dataclasses.asdict(b)),
-            strict=True,
-        ):
-            np.testing.assert_array_equal(x, y)
+    _assert_same_episodes(*results)
 
 
 def test_an_empty_fetch_changes_nothing() -> None:
     """``fetch(num_steps=0)`` (no step row fetched) collects nothing and loses nothing."""
     results = []
-    for empty_first in (False, True):
+    for with_empty_fetches in (False, True):
         rec = _recorder()
         state = _start(rec)
         episodes = []
-        if empty_first:
+        if with_empty_fetches:
             state, pending = rec.fetch(state, num_steps=0)
             episodes += rec.collect(pending)
             assert episodes == []
         state = _rollout(rec, state, 5, seed=7)
         state, pending = rec.fetch(state)
         episodes += rec.collect(pending)
-        state, pending = rec.fetch(state, num_steps=0)  # empty again, with carries open
-        episodes += rec.collect(pending)
+        if with_empty_fetches:  # again, now with carries open
+            state, pending = rec.fetch(state, num_steps=0)
+            assert rec.collect(pending) == []
         state = _rollout(rec, state, 6, seed=8)
         state, pending = rec.fetch(state)
         episodes += rec.collect(pending)
         results.append(episodes)
-    assert len(results[0]) == len(results[1]) > 0
-    for a, b in zip(*results, strict=True):
-        for x, y in zip(
-            jax.tree.leaves(dataclasses.asdict(a)),
-            jax.tree.leaves(dataclasses.asdict(b)),
-            strict=True,
-        ):
-            np.testing.assert_array_equal(x, y)
+    _assert_same_episodes(*results)
 
 
 def test_fetch_told_too_few_steps_is_refused() -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tupli_jax._tree import leaf_names
 from tupli_jax.episode import EpisodeData
-from tupli_jax.storage import shards
+from tupli_jax.storage import _shard_read, _shard_write, shards
 from tupli_jax.storage.base import TupliStorageError
 from tupli_jax.storage.shards import (
     Shard,
@@ -367,7 +367,7 @@ def test_group_by_structure(tmp_path: Path) -> None:
 
 
 def test_many_record_batches_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shards, "_MAX_BATCH_BYTES", 2000)  # forces several IPC record batches
+    monkeypatch.setattr(_shard_write, "_MAX_BATCH_BYTES", 2000)  # forces several IPC record batches
     rng = np.random.default_rng(16)
     episodes = [_grid_episode(rng, n) for n in (5, 9, 3)]
     info = write_shard(tmp_path, episodes)
@@ -585,10 +585,11 @@ def test_cache_stays_bounded(tmp_path: Path) -> None:
     shards.clear_shard_cache()
     rng = np.random.default_rng(15)
     infos = [
-        write_shard(tmp_path, [_cartpole(rng, 2)]) for _ in range(shards._CACHE_MAX_ENTRIES + 3)
+        write_shard(tmp_path, [_cartpole(rng, 2)])
+        for _ in range(_shard_read._CACHE_MAX_ENTRIES + 3)
     ]
     opened = [open_shard(tmp_path / i.name, i.checksum) for i in infos]
-    assert len(shards._cache) == shards._CACHE_MAX_ENTRIES
+    assert len(_shard_read._cache) == _shard_read._CACHE_MAX_ENTRIES
     assert open_shard(tmp_path / infos[-1].name, infos[-1].checksum) is opened[-1]
     assert open_shard(tmp_path / infos[0].name, infos[0].checksum) is not opened[0]
 

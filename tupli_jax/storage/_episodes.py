@@ -40,10 +40,10 @@ from tupli_jax.schema import EpisodeHeader
 from tupli_jax.storage import _blocks
 from tupli_jax.storage import catalog as cat
 from tupli_jax.storage._files import Layout, fsync_dir, unlink
+from tupli_jax.storage._shard_layout import _flatten_field
 from tupli_jax.storage.base import TupliStorageError
 from tupli_jax.storage.shards import (
     ShardInfo,
-    _flatten_field,
     write_shard_columns,
     write_shards,
 )

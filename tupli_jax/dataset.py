@@ -47,8 +47,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 import random
 from collections.abc import Callable, Generator, Mapping
 from typing import Any
@@ -57,6 +55,21 @@ import numpy as np
 import pydantic
 
 from tupli_jax import _tree
+from tupli_jax._dataset_columns import (
+    _columns_from_episodes,
+    _d4rl,
+    _gather_columns,
+    _Plan,
+    _plan,
+    _select_rows,
+)
+from tupli_jax._parsers import (
+    BaseTupleParser,
+    NumpyTupleParser,
+    TensorflowTupleParser,
+    TorchTupleParser,
+    _require,
+)
 from tupli_jax.episode import EpisodeData
 from tupli_jax.schema import (
     BaseFilter,
@@ -69,7 +82,6 @@ from tupli_jax.schema import (
 )
 from tupli_jax.storage.base import TupliStorage, TupliStorageError
 from tupli_jax.storage.file_storage import EpisodeLocations, FileStorage
-from tupli_jax.storage.shards import Shard, open_shard
 
 __all__ = [
     "BaseTupleParser",
@@ -78,131 +90,6 @@ __all__ = [
     "TorchTupleParser",
     "TupliDataset",
 ]
-
-# ------------------------------------------------------------------------------------------------
-# Parsers (pytupli's API)
-
-
-class BaseTupleParser:
-    """Turns the tuple view's lists into arrays/tensors of some framework (pytupli's API).
-
-    Example:
-        >>> class ListParser(BaseTupleParser):
-        ...     @classmethod
-        ...     def parse_lists(cls, obs, act, rew, term, trunc):
-        ...         return obs, act, rew, term, trunc
-    """
-
-    @classmethod
-    def parse_lists(
-        cls,
-        obs: list[Any],
-        act: list[Any],
-        rew: list[float],
-        term: list[bool],
-        trunc: list[bool],
-    ) -> tuple[Any, ...]:
-        """Converts per-tuple lists (observations, actions, rewards, terminals, timeouts)."""
-        raise NotImplementedError(
-            f"{cls.__name__}.parse_lists is not implemented; subclass BaseTupleParser and "
-            "override parse_lists (or use NumpyTupleParser)"
-        )
-
-
-class NumpyTupleParser(BaseTupleParser):
-    """numpy arrays: observations, actions and rewards ``float32 [N, ...]``, flags ``bool [N]``.
-
-    Example:
-        >>> obs, *_ = NumpyTupleParser.parse_lists([[1, 2]], [0], [1.0], [False], [True])
-        >>> obs.dtype, obs.shape
-        (dtype('float32'), (1, 2))
-    """
-
-    @classmethod
-    def parse_lists(
-        cls,
-        obs: list[Any],
-        act: list[Any],
-        rew: list[float],
-        term: list[bool],
-        trunc: list[bool],
-    ) -> tuple[np.ndarray, ...]:
-        """Converts the lists with ``np.array`` (float32 / bool)."""
-        return (
-            np.array(obs, dtype=np.float32),
-            np.array(act, dtype=np.float32),
-            np.array(rew, dtype=np.float32),
-            np.array(term, dtype=np.bool_),
-            np.array(trunc, dtype=np.bool_),
-        )
-
-
-def _require(module: str, package: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(
-            f"this conversion needs the '{package}' package, which is not installed: "
-            f"pip install {package}"
-        ) from err
-
-
-class TorchTupleParser(BaseTupleParser):
-    """PyTorch tensors (float32 / bool); needs ``torch`` (ImportError naming it otherwise).
-
-    Example:
-        >>> # obs, act, rew, term, trunc = dataset.convert_to_tensors(TorchTupleParser)
-    """
-
-    @classmethod
-    def parse_lists(
-        cls,
-        obs: list[Any],
-        act: list[Any],
-        rew: list[float],
-        term: list[bool],
-        trunc: list[bool],
-    ) -> tuple[Any, ...]:
-        """Converts the lists with ``torch.tensor``."""
-        torch = _require("torch", "torch")
-        f32, boolean = torch.float32, torch.bool
-        return (
-            torch.tensor(obs, dtype=f32),
-            torch.tensor(act, dtype=f32),
-            torch.tensor(rew, dtype=f32),
-            torch.tensor(term, dtype=boolean),
-            torch.tensor(trunc, dtype=boolean),
-        )
-
-
-class TensorflowTupleParser(BaseTupleParser):
-    """TensorFlow tensors (float32 / bool); needs ``tensorflow`` (ImportError naming it otherwise).
-
-    Example:
-        >>> # obs, act, rew, term, trunc = dataset.convert_to_tensors(TensorflowTupleParser)
-    """
-
-    @classmethod
-    def parse_lists(
-        cls,
-        obs: list[Any],
-        act: list[Any],
-        rew: list[float],
-        term: list[bool],
-        trunc: list[bool],
-    ) -> tuple[Any, ...]:
-        """Converts the lists with ``tf.constant``."""
-        tf = _require("tensorflow", "tensorflow")
-        return (
-            tf.constant(obs, dtype=tf.float32),
-            tf.constant(act, dtype=tf.float32),
-            tf.constant(rew, dtype=tf.float32),
-            tf.constant(term, dtype=tf.bool),
-            tf.constant(trunc, dtype=tf.bool),
-        )
-
 
 # ------------------------------------------------------------------------------------------------
 # Change detection
@@ -241,226 +128,6 @@ def _as_filter(value: Any, what: str) -> BaseFilter | None:
         f"{what} must be a filter (e.g. FilterEQ(key='metadata.seed', value=1)) or None, "
         f"received {type(value).__name__}"
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Columnar gathering
-
-
-def _spec_shape_key(spec: _tree.TreeSpec) -> str:
-    """Structure and per-row shapes of a spec, without dtypes (dtypes are promoted instead)."""
-
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k != "dtype"}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return _tree.spec_key(strip(spec))
-
-
-def _row_view(array: np.ndarray) -> np.ndarray | None:
-    """A 1-D view with one opaque ``void`` item per row (``take`` on it is ~2x faster than on a
-    ``[N, k]`` array), or None when the array is not C-contiguous or has empty rows."""
-    row_bytes = array.itemsize * math.prod(array.shape[1:])
-    if array.ndim < 2 or row_bytes == 0 or not array.flags.c_contiguous:
-        return None
-    return array.reshape(array.shape[0], -1).view(np.dtype((np.void, row_bytes))).reshape(-1)
-
-
-def _gather(source: np.ndarray, rows: np.ndarray, out: np.ndarray, dst: slice | np.ndarray) -> None:
-    """``out[dst] = source[rows]`` with the fewest copies (``rows`` are known to be in range)."""
-    if source.dtype != out.dtype or not isinstance(dst, slice):
-        out[dst] = source.take(rows, axis=0)
-        return
-    target = out[dst]
-    if source.ndim == 1:
-        np.take(source, rows, out=target, mode="clip")  # clip: no buffering, rows are valid
-        return
-    source_rows, target_rows = _row_view(source), _row_view(target)
-    if source_rows is not None and target_rows is not None:
-        np.take(source_rows, rows, out=target_rows, mode="clip")
-    elif target.size:
-        target[...] = source.take(rows, axis=0)
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + c)`` for each pair, vectorised. int64 ``[sum(counts)]``."""
-    total = int(counts.sum())
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(starts - offsets, counts) + np.arange(total, dtype=np.int64)
-
-
-def _empty_columns() -> dict[str, Any]:
-    empty = np.zeros((0,), np.float32)
-    return {
-        "observations": empty,
-        "actions": empty.copy(),
-        "rewards": empty.copy(),
-        "next_observations": empty.copy(),
-        "terminals": np.zeros((0,), np.bool_),
-        "timeouts": np.zeros((0,), np.bool_),
-        "episode_ids": np.zeros((0,), object),
-    }
-
-
-def _common_layout(
-    shards: list[Shard], group: str
-) -> tuple[_tree.TreeSpec, list[tuple[tuple[int, ...], np.dtype[Any]]]]:
-    """The shared spec of column ``group`` ("obs" or "act") and per leaf its row shape and
-    promoted dtype."""
-
-    def spec_of(shard: Shard) -> _tree.TreeSpec:
-        return shard.obs_spec if group == "obs" else shard.action_spec
-
-    first = spec_of(shards[0])
-    key = _spec_shape_key(first)
-    for shard in shards[1:]:
-        if _spec_shape_key(spec_of(shard)) != key:
-            raise ValueError(
-                f"the selected episodes do not share one {group} structure (shard "
-                f"'{shards[0].path.name}' has {key}, shard '{shard.path.name}' has "
-                f"{_spec_shape_key(spec_of(shard))}); expected one structure and per-row shape: "
-                "narrow the selection, e.g. with_benchmark_filter(FilterEQ(key='id', value=...))"
-            )
-    leaves = []
-    for j, column in enumerate(shards[0].columns(group)):
-        dtype = np.result_type(*(shard.columns(group)[j].dtype for shard in shards))
-        leaves.append((tuple(column.shape[1:]), dtype))
-    return first, leaves
-
-
-@dataclasses.dataclass(frozen=True)
-class _ShardRows:
-    """The rows one shard contributes: ``s_t`` is row ``rows[i]``, ``s_t+1`` the next row.
-
-    ``actions`` says where a_t and r_t are: ``"same"`` (episodes with a reset observation),
-    ``"next"`` (one row later: episodes without one) or explicit rows (a mix of both).
-    """
-
-    shard: int
-    rows: np.ndarray
-    actions: str | np.ndarray
-    dst: slice | np.ndarray
-    max_row: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """What ``to_numpy`` gathers for some ``EpisodeLocations`` (kept while the store is
-    unchanged: 8 bytes per row of indices plus the shared read-only ``episode_ids``)."""
-
-    locations: EpisodeLocations
-    total: int
-    parts: list[_ShardRows]
-    last: np.ndarray  # int64, the last row of each episode with rows
-    terminated: np.ndarray  # bool, per ``last``
-    truncated: np.ndarray
-    episode_ids: np.ndarray  # object [total], read-only
-
-
-def _plan(locations: EpisodeLocations) -> _Plan:
-    """Index arrays for ``locations`` (catalog order), vectorised: no Python per episode."""
-    has_reset = locations.has_reset
-    counts = locations.n_tuples - (~has_reset).astype(np.int64)  # T, or T - 1 without reset obs
-    ends = np.cumsum(counts)
-    out_starts = ends - counts
-    order = np.argsort(locations.shard_index, kind="stable")
-    bounds = np.searchsorted(
-        locations.shard_index[order], np.arange(len(locations.shard_paths) + 1)
-    )
-    parts = []
-    for s in range(len(locations.shard_paths)):
-        episodes = order[bounds[s] : bounds[s + 1]]
-        episodes = episodes[counts[episodes] > 0]
-        if episodes.size == 0:
-            continue
-        c = counts[episodes]
-        rows = _ranges(locations.row_start[episodes], c)
-        shift = ~has_reset[episodes]
-        actions: str | np.ndarray = "same"
-        if shift.all():
-            actions = "next"
-        elif shift.any():
-            actions = rows + np.repeat(shift.astype(np.int64), c)
-        starts = out_starts[episodes]
-        contiguous = bool(np.all(starts[1:] == starts[:-1] + c[:-1]))
-        dst = slice(int(starts[0]), int(starts[0] + c.sum())) if contiguous else _ranges(starts, c)
-        parts.append(_ShardRows(s, rows, actions, dst, int(rows.max())))
-    with_rows = counts > 0
-    ids = np.empty((len(locations),), object)
-    ids[:] = locations.ids
-    episode_ids = np.repeat(ids, counts)
-    episode_ids.flags.writeable = False
-    return _Plan(
-        locations=locations,
-        total=int(ends[-1]) if len(ends) else 0,
-        parts=parts,
-        last=(ends - 1)[with_rows],
-        terminated=locations.terminated[with_rows],
-        truncated=locations.truncated[with_rows],
-        episode_ids=episode_ids,
-    )
-
-
-def _gather_columns(plan: _Plan) -> dict[str, Any]:
-    """``to_numpy``'s columns: one ``take`` per leaf and shard into preallocated arrays."""
-    locations = plan.locations
-    if len(locations) == 0:
-        return _empty_columns()
-    shards = [
-        open_shard(path, checksum)
-        for path, checksum in zip(locations.shard_paths, locations.shard_checksums, strict=True)
-    ]
-    obs_spec, obs_leaves = _common_layout(shards, "obs")
-    act_spec, act_leaves = _common_layout(shards, "act")
-    reward_dtype = np.result_type(*(s.columns("reward")[0].dtype for s in shards))
-    total = plan.total
-
-    def allocate(leaves: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> list[np.ndarray]:
-        return [np.empty((total, *shape), dtype) for shape, dtype in leaves]
-
-    observations, next_observations = allocate(obs_leaves), allocate(obs_leaves)
-    actions, rewards = allocate(act_leaves), np.empty((total,), reward_dtype)
-    for part in plan.parts:
-        shard = shards[part.shard]
-        if part.max_row + 1 >= shard.n_rows:  # s_t+1 of the last row; take(mode="clip") needs it
-            raise TupliStorageError(
-                f"the catalog places episodes beyond the {shard.n_rows} rows of shard "
-                f"'{shard.path}'; the store is damaged: run verify()"
-            )
-        for column, o, n in zip(shard.columns("obs"), observations, next_observations, strict=True):
-            _gather(column, part.rows, o, part.dst)
-            _gather(column[1:], part.rows, n, part.dst)  # s_t+1: one row on, same indices
-        act_columns = shard.columns("act") + shard.columns("reward")
-        for column, out in zip(act_columns, [*actions, rewards], strict=True):
-            if isinstance(part.actions, np.ndarray):
-                _gather(column, part.actions, out, part.dst)
-            else:
-                _gather(column[1:] if part.actions == "next" else column, part.rows, out, part.dst)
-    terminals = np.zeros((total,), np.bool_)
-    timeouts = np.zeros((total,), np.bool_)
-    terminals[plan.last] = plan.terminated
-    timeouts[plan.last] = plan.truncated
-    return {
-        "observations": _tree.unflatten(obs_spec, observations),
-        "actions": _tree.unflatten(act_spec, actions),
-        "rewards": rewards,
-        "next_observations": _tree.unflatten(obs_spec, next_observations),
-        "terminals": terminals,
-        "timeouts": timeouts,
-        "episode_ids": plan.episode_ids,
-    }
-
-
-def _map_leaves(tree: Any, fn: Callable[[np.ndarray], np.ndarray]) -> Any:
-    leaves, spec = _tree.flatten(tree)
-    return _tree.unflatten(spec, [fn(leaf) for leaf in leaves])
-
-
-def _select_rows(columns: dict[str, Any], mask: np.ndarray) -> dict[str, Any]:
-    return {key: _map_leaves(value, lambda leaf: leaf[mask]) for key, value in columns.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -899,20 +566,6 @@ def _watch_for(storage: Any) -> _CatalogWatch | None:
     return None
 
 
-def _d4rl(columns: dict[str, Any]) -> dict[str, Any]:
-    def flat(value: Any) -> Any:
-        return value.astype(np.float32) if isinstance(value, np.ndarray) else value
-
-    return {
-        "observations": flat(columns["observations"]),
-        "actions": flat(columns["actions"]),
-        "next_observations": flat(columns["next_observations"]),
-        "rewards": np.asarray(columns["rewards"], np.float32),
-        "terminals": columns["terminals"],
-        "timeouts": columns["timeouts"],
-    }
-
-
 _NO_LOCATIONS = EpisodeLocations(
     ids=[],
     benchmark_ids=[],
@@ -925,47 +578,3 @@ _NO_LOCATIONS = EpisodeLocations(
     terminated=np.zeros((0,), np.bool_),
     truncated=np.zeros((0,), np.bool_),
 )
-
-
-def _columns_from_episodes(episodes: list[EpisodeData]) -> dict[str, Any]:
-    """``to_numpy``'s columns from ``EpisodeData``s (storages without shards; Python per
-    episode)."""
-    if not episodes:
-        return _empty_columns()
-    obs_specs = [_tree.flatten(e.observations, leading_axis=True)[1] for e in episodes]
-    act_specs = [_tree.flatten(e.actions, leading_axis=True)[1] for e in episodes]
-    for specs, what in ((obs_specs, "observation"), (act_specs, "action")):
-        keys = {_spec_shape_key(spec) for spec in specs}
-        if len(keys) > 1:
-            raise ValueError(
-                f"the selected episodes do not share one {what} structure ({sorted(keys)[:2]}); "
-                "expected one structure and per-row shape: narrow the selection"
-            )
-    obs, nxt, act, rew, term, trunc, ids = [], [], [], [], [], [], []
-    for ep in episodes:
-        offset = 0 if ep.has_reset_observation else 1
-        n = ep.length - offset
-        leaves = _tree.flatten(ep.observations, leading_axis=True)[0]
-        obs.append([leaf[:n] for leaf in leaves])
-        nxt.append([leaf[1 : n + 1] for leaf in leaves])
-        act.append([leaf[offset:] for leaf in _tree.flatten(ep.actions, leading_axis=True)[0]])
-        rew.append(np.asarray(ep.rewards)[offset:])
-        last = np.arange(n) == n - 1
-        term.append(last & bool(ep.terminated))
-        trunc.append(last & bool(ep.truncated))
-        ids.append(np.full((n,), ep.id, object))
-
-    def stack(spec: _tree.TreeSpec, per_episode: list[list[np.ndarray]]) -> Any:
-        return _tree.unflatten(
-            spec, [np.concatenate(leaf) for leaf in zip(*per_episode, strict=True)]
-        )
-
-    return {
-        "observations": stack(obs_specs[0], obs),
-        "actions": stack(act_specs[0], act),
-        "rewards": np.concatenate(rew),
-        "next_observations": stack(obs_specs[0], nxt),
-        "terminals": np.concatenate(term),
-        "timeouts": np.concatenate(trunc),
-        "episode_ids": np.concatenate(ids),
-    }

@@ -609,6 +609,24 @@ def test_convert_to_tensors_with_the_numpy_parser(store: FileStorage) -> None:
     assert trunc.tolist() == [False, False, True, False, True]
 
 
+def test_torch_and_tensorflow_parsers_convert_each_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stand-in modules (numpy behind torch's and tf's names): float32 data, bool flags."""
+    import types
+
+    fake_torch = types.SimpleNamespace(tensor=np.array, float32=np.float32, bool=np.bool_)
+    fake_tf = types.SimpleNamespace(constant=np.array, float32=np.float32, bool=np.bool_)
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
+    lists = ([[1, 2], [3, 4]], [0, 1], [0.5, 1.5], [False, True], [True, False])
+    for parser in (TorchTupleParser, TensorflowTupleParser):
+        obs, act, rew, term, trunc = parser.parse_lists(*lists)
+        assert obs.dtype == act.dtype == rew.dtype == np.float32
+        assert term.dtype == trunc.dtype == np.bool_
+        assert obs.tolist() == [[1, 2], [3, 4]] and act.tolist() == [0, 1]
+        assert rew.tolist() == [0.5, 1.5]
+        assert term.tolist() == [False, True] and trunc.tolist() == [True, False]
+
+
 def test_parsers_name_their_missing_package() -> None:
     for parser, module in ((TorchTupleParser, "torch"), (TensorflowTupleParser, "tensorflow")):
         if module in sys.modules:

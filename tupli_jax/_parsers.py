@@ -79,6 +79,18 @@ def _require(module: str, package: str) -> Any:
         ) from err
 
 
+def _convert(make: Any, f32: Any, boolean: Any, *lists: list[Any]) -> tuple[Any, ...]:
+    """``make(x, dtype=...)`` of observations, actions, rewards (float32) and the two flags."""
+    obs, act, rew, term, trunc = lists
+    return (
+        make(obs, dtype=f32),
+        make(act, dtype=f32),
+        make(rew, dtype=f32),
+        make(term, dtype=boolean),
+        make(trunc, dtype=boolean),
+    )
+
+
 class TorchTupleParser(BaseTupleParser):
     """PyTorch tensors (float32 / bool); needs ``torch`` (ImportError naming it otherwise).
 
@@ -97,14 +109,7 @@ class TorchTupleParser(BaseTupleParser):
     ) -> tuple[Any, ...]:
         """Converts the lists with ``torch.tensor``."""
         torch = _require("torch", "torch")
-        f32, boolean = torch.float32, torch.bool
-        return (
-            torch.tensor(obs, dtype=f32),
-            torch.tensor(act, dtype=f32),
-            torch.tensor(rew, dtype=f32),
-            torch.tensor(term, dtype=boolean),
-            torch.tensor(trunc, dtype=boolean),
-        )
+        return _convert(torch.tensor, torch.float32, torch.bool, obs, act, rew, term, trunc)
 
 
 class TensorflowTupleParser(BaseTupleParser):
@@ -125,10 +130,4 @@ class TensorflowTupleParser(BaseTupleParser):
     ) -> tuple[Any, ...]:
         """Converts the lists with ``tf.constant``."""
         tf = _require("tensorflow", "tensorflow")
-        return (
-            tf.constant(obs, dtype=tf.float32),
-            tf.constant(act, dtype=tf.float32),
-            tf.constant(rew, dtype=tf.float32),
-            tf.constant(term, dtype=tf.bool),
-            tf.constant(trunc, dtype=tf.bool),
-        )
+        return _convert(tf.constant, tf.float32, tf.bool, obs, act, rew, term, trunc)

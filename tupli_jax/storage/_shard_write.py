@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from tupli_jax._tree import dtype_name, num_leaves
 from tupli_jax.episode import EpisodeData
+from tupli_jax.storage._files import fsync_dir
 from tupli_jax.storage._shard_layout import (
     _METADATA_KEY,
     FORMAT_NAME,
@@ -132,14 +133,6 @@ def _string_array(rows: list[str | None]) -> pa.Array:
     valid = np.packbits(np.array([row is not None for row in rows], bool), bitorder="little")
     buffers = [pa.py_buffer(valid), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
     return pa.Array.from_buffers(pa.large_string(), len(rows), buffers)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Batch(NamedTuple):
@@ -363,7 +356,7 @@ def _write_batch(
         os.replace(tmp, final)
         replaced = True
         if fsync_directory:
-            _fsync_directory(directory)
+            fsync_dir(directory)
     except BaseException as err:
         for leftover in (tmp, final) if replaced else (tmp,):
             try:

@@ -1,16 +1,14 @@
 """The tuple parsers of ``TupliDataset.convert_to_tensors`` (pytupli's API). Host side only.
 
 ``BaseTupleParser`` and its numpy, PyTorch and TensorFlow subclasses turn the tuple view's
-per-tuple lists into arrays or tensors; ``_require`` imports an optional framework with an
+per-tuple lists into arrays or tensors; ``_require`` imports the framework with an
 ImportError naming the package to install. Split out of ``tupli_jax.dataset``, which re-exports
 the parser classes: import them from there.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import Any, ClassVar
 
 
 class BaseTupleParser:
@@ -39,14 +37,15 @@ class BaseTupleParser:
         )
 
 
-class NumpyTupleParser(BaseTupleParser):
-    """numpy arrays: observations, actions and rewards ``float32 [N, ...]``, flags ``bool [N]``.
+class _FrameworkParser(BaseTupleParser):
+    """``parse_lists`` for a framework whose constructor takes ``dtype=``: observations,
+    actions and rewards as ``float32``, the two flags as ``bool``. Subclasses name the module,
+    its constructor and its bool dtype; the module is imported on first use (ImportError naming
+    the package when it is missing)."""
 
-    Example:
-        >>> obs, *_ = NumpyTupleParser.parse_lists([[1, 2]], [0], [1.0], [False], [True])
-        >>> obs.dtype, obs.shape
-        (dtype('float32'), (1, 2))
-    """
+    _module: ClassVar[str]
+    _constructor: ClassVar[str]
+    _bool: ClassVar[str] = "bool"
 
     @classmethod
     def parse_lists(
@@ -56,15 +55,29 @@ class NumpyTupleParser(BaseTupleParser):
         rew: list[float],
         term: list[bool],
         trunc: list[bool],
-    ) -> tuple[np.ndarray, ...]:
-        """Converts the lists with ``np.array`` (float32 / bool)."""
+    ) -> tuple[Any, ...]:
+        """Converts the lists with the framework's constructor (float32 / bool)."""
+        lib = _require(cls._module, cls._module)
+        make, f32, boolean = getattr(lib, cls._constructor), lib.float32, getattr(lib, cls._bool)
         return (
-            np.array(obs, dtype=np.float32),
-            np.array(act, dtype=np.float32),
-            np.array(rew, dtype=np.float32),
-            np.array(term, dtype=np.bool_),
-            np.array(trunc, dtype=np.bool_),
+            make(obs, dtype=f32),
+            make(act, dtype=f32),
+            make(rew, dtype=f32),
+            make(term, dtype=boolean),
+            make(trunc, dtype=boolean),
         )
+
+
+class NumpyTupleParser(_FrameworkParser):
+    """numpy arrays: observations, actions and rewards ``float32 [N, ...]``, flags ``bool [N]``.
+
+    Example:
+        >>> obs, *_ = NumpyTupleParser.parse_lists([[1, 2]], [0], [1.0], [False], [True])
+        >>> obs.dtype, obs.shape
+        (dtype('float32'), (1, 2))
+    """
+
+    _module, _constructor, _bool = "numpy", "array", "bool_"
 
 
 def _require(module: str, package: str) -> Any:
@@ -79,55 +92,23 @@ def _require(module: str, package: str) -> Any:
         ) from err
 
 
-def _convert(make: Any, f32: Any, boolean: Any, *lists: list[Any]) -> tuple[Any, ...]:
-    """``make(x, dtype=...)`` of observations, actions, rewards (float32) and the two flags."""
-    obs, act, rew, term, trunc = lists
-    return (
-        make(obs, dtype=f32),
-        make(act, dtype=f32),
-        make(rew, dtype=f32),
-        make(term, dtype=boolean),
-        make(trunc, dtype=boolean),
-    )
-
-
-class TorchTupleParser(BaseTupleParser):
-    """PyTorch tensors (float32 / bool); needs ``torch`` (ImportError naming it otherwise).
+class TorchTupleParser(_FrameworkParser):
+    """PyTorch tensors (float32 / bool) made with ``torch.tensor``; needs ``torch`` (ImportError
+    naming it otherwise).
 
     Example:
         >>> # obs, act, rew, term, trunc = dataset.convert_to_tensors(TorchTupleParser)
     """
 
-    @classmethod
-    def parse_lists(
-        cls,
-        obs: list[Any],
-        act: list[Any],
-        rew: list[float],
-        term: list[bool],
-        trunc: list[bool],
-    ) -> tuple[Any, ...]:
-        """Converts the lists with ``torch.tensor``."""
-        torch = _require("torch", "torch")
-        return _convert(torch.tensor, torch.float32, torch.bool, obs, act, rew, term, trunc)
+    _module, _constructor = "torch", "tensor"
 
 
-class TensorflowTupleParser(BaseTupleParser):
-    """TensorFlow tensors (float32 / bool); needs ``tensorflow`` (ImportError naming it otherwise).
+class TensorflowTupleParser(_FrameworkParser):
+    """TensorFlow tensors (float32 / bool) made with ``tf.constant``; needs ``tensorflow``
+    (ImportError naming it otherwise).
 
     Example:
         >>> # obs, act, rew, term, trunc = dataset.convert_to_tensors(TensorflowTupleParser)
     """
 
-    @classmethod
-    def parse_lists(
-        cls,
-        obs: list[Any],
-        act: list[Any],
-        rew: list[float],
-        term: list[bool],
-        trunc: list[bool],
-    ) -> tuple[Any, ...]:
-        """Converts the lists with ``tf.constant``."""
-        tf = _require("tensorflow", "tensorflow")
-        return _convert(tf.constant, tf.float32, tf.bool, obs, act, rew, term, trunc)
+    _module, _constructor = "tensorflow", "constant"

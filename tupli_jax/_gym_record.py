@@ -20,9 +20,10 @@
   ``RL_TUPLE_FIELDS_KEY`` and restored by ``restore_tuple``.
 
 Example:
-    >>> import numpy as np
-    >>> stack_trees([{"a": np.zeros(2)}, {"a": np.ones(2)}])["a"].shape
-    (2, 2)
+    >>> class MyTuple(RLTuple):
+    ...     q_value: float = 0.0
+    >>> extra_tuple_fields(MyTuple), extra_tuple_fields(RLTuple)
+    (('q_value',), ())
 """
 
 from __future__ import annotations
@@ -40,14 +41,7 @@ import numpy as np
 
 from tupli_jax import _tree
 from tupli_jax import benchmark as _benchmark
-from tupli_jax._gym_columns import (
-    PendingBatch,
-    PendingItem,
-    copy_tree,
-    make_episode,
-    merge_batches,
-    stack_trees,
-)
+from tupli_jax._gym_columns import PendingBatch, PendingItem, merge_batches
 from tupli_jax.episode import EpisodeData
 from tupli_jax.schema import (
     BaseFilter,
@@ -71,13 +65,9 @@ __all__ = [
     "RL_TUPLE_FIELDS_KEY",
     "BenchmarkMixin",
     "EpisodeSink",
-    "PendingBatch",
-    "copy_tree",
     "episode_tuples",
     "extra_tuple_fields",
-    "make_episode",
     "restore_tuple",
-    "stack_trees",
 ]
 
 RL_TUPLE_FIELDS_KEY = "__rl_tuple_fields__"
@@ -138,6 +128,7 @@ def episode_tuples(episode: EpisodeData) -> list[RLTuple]:
     """pytupli's tuple view of an episode: tuple ``t`` holds the observation step ``t`` returned.
 
     Example:
+        >>> from tupli_jax._gym_columns import make_episode
         >>> ep = make_episode(np.arange(3.0), np.array([0, 1]), np.ones(2), terminated=True,
         ...                   truncated=False, benchmark_id="b", metadata={}, infos=None)
         >>> [(t.state, t.terminal) for t in episode_tuples(ep)]

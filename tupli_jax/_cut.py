@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tupli_jax._rows import ranges
+
 __all__ = [
     "MOD",
     "CutColumns",
@@ -293,7 +295,7 @@ class _Plan:
                 length[used],
             )
             kept.append((out_start, env, row_start, length))
-            within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+            within = ranges(np.zeros_like(length), length)  # row of each within its run
             indices.append(
                 (
                     np.repeat(out_start, length) + within,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tupli_jax import _tree
+from tupli_jax._rows import ranges
 from tupli_jax.episode import EpisodeData
 from tupli_jax.storage.base import TupliStorageError
 from tupli_jax.storage.file_storage import EpisodeLocations
@@ -60,13 +61,6 @@ def _gather(source: np.ndarray, rows: np.ndarray, out: np.ndarray, dst: slice | 
         np.take(source_rows, rows, out=target_rows, mode="clip")
     elif target.size:
         target[...] = source.take(rows, axis=0)
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + c)`` for each pair, vectorised. int64 ``[sum(counts)]``."""
-    total = int(counts.sum())
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(starts - offsets, counts) + np.arange(total, dtype=np.int64)
 
 
 def _empty_columns() -> dict[str, Any]:
@@ -154,7 +148,7 @@ def _plan(locations: EpisodeLocations) -> _Plan:
         if episodes.size == 0:
             continue
         c = counts[episodes]
-        rows = _ranges(locations.row_start[episodes], c)
+        rows = ranges(locations.row_start[episodes], c)
         shift = ~has_reset[episodes]
         actions: str | np.ndarray = "same"
         if shift.all():
@@ -163,7 +157,7 @@ def _plan(locations: EpisodeLocations) -> _Plan:
             actions = rows + np.repeat(shift.astype(np.int64), c)
         starts = out_starts[episodes]
         contiguous = bool(np.all(starts[1:] == starts[:-1] + c[:-1]))
-        dst = slice(int(starts[0]), int(starts[0] + c.sum())) if contiguous else _ranges(starts, c)
+        dst = slice(int(starts[0]), int(starts[0] + c.sum())) if contiguous else ranges(starts, c)
         parts.append(_ShardRows(s, rows, actions, dst, int(rows.max())))
     with_rows = counts > 0
     ids = np.empty((len(locations),), object)

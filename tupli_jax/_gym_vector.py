@@ -40,6 +40,7 @@ from tupli_jax._gym_record import (
     extra_tuple_fields,
     tuple_info,
 )
+from tupli_jax._rows import ranges
 from tupli_jax.episode import EpisodeBatch
 from tupli_jax.schema import EpisodeMetadataCallback, RLTuple, to_builtin
 from tupli_jax.storage.base import TupliStorage
@@ -83,9 +84,7 @@ def _gather_index(
         >>> envs.tolist(), rows.tolist()
         ([2, 2, 0, 0, 0], [5, 6, 1, 2, 3])
     """
-    offsets = np.cumsum(counts) - counts
-    rows = np.arange(int(counts.sum())) + np.repeat(starts - offsets, counts)
-    return np.repeat(envs, counts), rows
+    return np.repeat(envs, counts), ranges(starts, counts)
 
 
 def _identity(env: gymnasium.Env[Any, Any]) -> gymnasium.Env[Any, Any]:

@@ -188,8 +188,7 @@ def _write_items(storage: Any, items: Sequence[PendingItem]) -> list[EpisodeHead
     if callable(record_batch) and len(batches) == len(items):
         merged = merge_batches(batches)
         if merged is not None and merged.infos is None:
-            headers: list[EpisodeHeader] = record_batch(merged.batch)
-            return headers
+            return list(record_batch(merged.batch))  # a lazy EpisodeHeaders: built here
     episodes: list[EpisodeData] = []
     for item in items:
         if isinstance(item, PendingBatch):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -332,15 +332,16 @@ class Flusher:
         benchmark_id: str = "",
         metadata_fn: Any = None,
         batch_id: str | None = None,
-    ) -> list[EpisodeHeader]:
+    ) -> Sequence[EpisodeHeader]:
         """Cuts, stores with one ``record_episode_batch`` call, then commits the carry.
 
         If storing raises, nothing is committed: the same ``pending`` can be written again.
         """
         batch, commit = self._cut(pending, benchmark_id, metadata_fn)
         record_batch = getattr(storage, "record_episode_batch", None)
+        headers: Sequence[EpisodeHeader]
         if batch_id is None and len(batch) == 0:
-            headers: list[EpisodeHeader] = []
+            headers = []
         elif callable(record_batch):
             headers = record_batch(batch, batch_id=batch_id)
         else:  # a storage with record_episodes only
@@ -348,7 +349,7 @@ class Flusher:
             episodes = batch.episodes()
             headers = record(episodes) if batch_id is None else record(episodes, batch_id=batch_id)
         commit()
-        return list(headers)
+        return headers
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ from jumanji import specs
 from jumanji.env import Environment
 
 from tupli_jax.recorder import RecorderState, RecordingWrapper
+from tupli_jax.schema import EpisodeHeader
 from tupli_jax.storage.base import TupliStorage
 from tupli_jax.testing.contract import sample_action
 
@@ -194,7 +195,7 @@ class _Writer:
                         headers = self._rec.write(pending, batch_id=f"{self._run_id}:{chunk_index}")
                         with self._lock:
                             self.episodes += len(headers)
-                            self.transitions += sum(h.n_tuples for h in headers)
+                            self.transitions += _transitions(headers)
                     # Drop every host view of the chunk's rows before saying so: their device
                     # buffers are donated to a later chunk, which copies them if a view lives.
                     del pending
@@ -284,6 +285,14 @@ class _Progress:
     def close(self) -> None:
         if self._enabled:
             self._bar.stop()
+
+
+def _transitions(headers: Sequence[EpisodeHeader]) -> int:
+    """The transitions of the stored episodes (at once from a lazy ``EpisodeHeaders``)."""
+    n_tuples = getattr(headers, "n_tuples", None)
+    if n_tuples is not None:
+        return int(np.sum(n_tuples))
+    return sum(h.n_tuples for h in headers)
 
 
 def _log_episodes(writer: ScalarWriter | None, outs: Any, first_step: int, num_envs: int) -> None:

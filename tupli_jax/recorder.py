@@ -356,7 +356,7 @@ class RecordingWrapper(Wrapper):
         ``(words [T, B, Ws], large leaves [T, B, n_i])``."""
         return self._flusher.fetch(state, step_rows=step_rows)
 
-    def write(self, pending: PendingFlush, batch_id: str | None = None) -> list[EpisodeHeader]:
+    def write(self, pending: PendingFlush, batch_id: str | None = None) -> Sequence[EpisodeHeader]:
         """Cuts the fetched rows into episodes and stores the complete ones (one batch call).
 
         Host call; returns after the episodes are durable. Unfinished episodes stay on the host.

@@ -94,11 +94,11 @@ def _write(
 def add(
     conn: sqlite3.Connection,
     benchmark_ids: Sequence[str],
-    rids: Sequence[int],
-    shard_rids: Sequence[int],
-    row_starts: Sequence[int],
-    n_tuples: Sequence[int],
-    flags: Sequence[int],
+    rids: Sequence[int] | np.ndarray,
+    shard_rids: Sequence[int] | np.ndarray,
+    row_starts: Sequence[int] | np.ndarray,
+    n_tuples: Sequence[int] | np.ndarray,
+    flags: Sequence[int] | np.ndarray,
     ids: Sequence[str],
 ) -> None:
     """Adds new episodes (rids above every existing one, increasing) to their blocks."""

@@ -159,7 +159,7 @@ class Layout:
         """Removes what dead writers left: orphan shards/artifacts and stale staging dirs."""
         for name in self.stale_staging():
             _remove_staging(self.staging / name)
-        with catalog.write() as conn:
+        with catalog.write(runs_ok=True) as conn:  # shards only
             known = {r[0] for r in conn.execute("SELECT name FROM shards")}
             for entry in os.scandir(self.shards):
                 if SHARD_FILE.fullmatch(entry.name) and entry.name not in known:

@@ -205,7 +205,7 @@ def episode_locations(
     """
     store = layout.root
     fast, benchmarks = _benchmark_selection(filter)
-    with catalog.read() as conn:
+    with catalog.read(runs_ok=fast) as conn:  # the blocks hold the episodes of runs too
         found = _blocks.read(conn, benchmarks) if fast else _from_rows(conn, filter, store)
         _, shard_rid, row_start, n_tuples, flags = found.columns
         shard_rids, shard_index = _dense_codes(shard_rid)

@@ -90,11 +90,11 @@ class TupliStorage(ABC):
 
     def record_episode_batch(
         self, batch: EpisodeBatch, *, batch_id: str | None = None
-    ) -> list[EpisodeHeader]:
+    ) -> Sequence[EpisodeHeader]:
         """Stores the episodes of a packed ``EpisodeBatch`` (``record_episodes`` semantics).
 
         The default converts the batch to ``EpisodeData`` views; ``FileStorage`` writes the
-        columns directly.
+        columns directly (and may return the headers as a lazy sequence).
         """
         return self.record_episodes(batch.episodes(), batch_id=batch_id)
 

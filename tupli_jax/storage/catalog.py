@@ -4,8 +4,10 @@ Host-side only. The catalog is one SQLite database in WAL mode (several processe
 write one store at once); the episode data itself lives in Arrow shards that the catalog points to
 with ``(shard_rid, row_start, row_stop)``, so listing and filtering never open a shard. Metadata
 documents and their leaf index live in ``_documents``, filter compilation in ``_sql_filter``
-(both re-exported here), the columnar read path's episode blocks in ``_blocks``. Schema version 2;
-a version-1 store (shard names in ``episodes``) is migrated when opened.
+(both re-exported here), the columnar read path's episode blocks in ``_blocks``, batches of
+episode rows committed as one row in ``_runs`` (expanded before any transaction that reads
+episode rows). Schema version 3; a version-1 store (shard names in ``episodes``) is migrated when
+opened, a version-2 store gets the ``episode_runs`` table.
 
 Example:
     >>> from tupli_jax.schema import FilterEQ
@@ -38,7 +40,7 @@ from tupli_jax.schema import (
     BenchmarkMetadata,
     EpisodeHeader,
 )
-from tupli_jax.storage import _blocks
+from tupli_jax.storage import _blocks, _runs
 from tupli_jax.storage._documents import (
     DICT,
     LIST,
@@ -93,7 +95,9 @@ __all__ = [
     "normalize_documents",
 ]
 
-SCHEMA_VERSION = 2  # 2: integer shard rids in ``episodes`` (version 1 is migrated on open)
+SCHEMA_VERSION = 3  # 2: integer shard rids in ``episodes`` (version 1 is migrated on open);
+# 3: ``episode_runs`` (a version-2 store gets the table when opened; older code must not open a
+# store whose runs it would not see)
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _BATCH_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -231,6 +235,7 @@ CREATE TABLE IF NOT EXISTS batches (
     + _leaves_table("benchmark_leaves")
     + _leaves_table("artifact_leaves")
     + _blocks.SCHEMA
+    + _runs.SCHEMA
 )
 
 # Version 1 kept the shard's name in ``episodes.shard`` (TEXT); version 2 keeps its ``rid`` in
@@ -313,7 +318,7 @@ class Catalog:
         self._conn: sqlite3.Connection | None = None
         self._generation = 0  # connections opened so far (data_version restarts with each)
         self._commits = 0  # commits through this object that changed rows
-        with self.write() as conn:
+        with self.write(runs_ok=True) as conn:
             for statement in _statements(_SCHEMA):  # executescript would commit first
                 conn.execute(statement)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -329,6 +334,7 @@ class Catalog:
                 conn.execute(statement)
             key = (_blocks.META_KEY,)
             if conn.execute("SELECT 1 FROM meta WHERE key = ?", key).fetchone() is None:
+                _runs.expand(conn)
                 _blocks.rebuild(conn)  # a new, migrated or repaired store
                 conn.execute("INSERT INTO meta VALUES (?, '1')", key)
             if row is None or int(row[0]) < SCHEMA_VERSION:
@@ -352,13 +358,19 @@ class Catalog:
         return self._conn
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction: holds the store-wide write lock until commit."""
+    def write(self, *, runs_ok: bool = False) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction: holds the store-wide write lock until commit.
+
+        Episode runs (``_runs``) are expanded into ``episodes`` rows first, in the same
+        transaction, unless ``runs_ok`` (the caller touches no episode rows, or handles runs).
+        """
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             changes = conn.total_changes
             try:
+                if not runs_ok and _runs.pending(conn):
+                    _runs.expand(conn)
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
@@ -370,20 +382,33 @@ class Catalog:
                     self._commits += 1  # also after a failed commit: a spurious change is safe
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every statement inside sees the same snapshot."""
+    def read(self, *, runs_ok: bool = False) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every statement inside sees the same snapshot.
+
+        Unless ``runs_ok``, the snapshot has no episode runs: runs committed before it are
+        expanded first (in a write transaction of their own; tried three times, so a writer
+        committing runs nonstop cannot starve the reader, which then reads the last rows
+        without them, as if it had read a moment earlier).
+        """
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN")
+            for _ in range(3):
+                if runs_ok or not _runs.pending(conn):
+                    break
+                conn.execute("COMMIT")
+                with self.write():  # expands them (another process may have done it already)
+                    pass
+                conn.execute("BEGIN")
             try:
                 yield conn
             finally:
                 conn.execute("COMMIT")
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """Runs one statement and returns all its rows."""
-        with self._lock:
-            return self._connection().execute(sql, params).fetchall()
+    def query(self, sql: str, params: Sequence[Any] = (), *, runs_ok: bool = False) -> list[Any]:
+        """Runs one statement and returns all its rows (``runs_ok`` as in ``read``)."""
+        with self.read(runs_ok=runs_ok) as conn:
+            return conn.execute(sql, params).fetchall()
 
     def version(self) -> int:
         """A number that changes whenever a commit changed the catalog, from any connection.

@@ -279,6 +279,7 @@ class FileStorage(TupliStorage):
             rows = self._catalog.query(
                 f"SELECT {columns}, t.inexact FROM {source} WHERE {sql.text} ORDER BY t.rid",
                 sql.params,
+                runs_ok=fields is not cat.EPISODE_FIELDS,  # benchmarks, artifacts
             )
             items = build(rows)
         if filter is None or (sql.exact and not any(r[-1] for r in rows)):
@@ -318,6 +319,7 @@ class FileStorage(TupliStorage):
             "SELECT id, created_by, published_in, created_at, hash, metadata, serialized "
             "FROM benchmarks WHERE id = ?",
             (uri,),
+            runs_ok=True,
         )
         if not rows:
             raise self._not_found("benchmark", uri)
@@ -348,7 +350,7 @@ class FileStorage(TupliStorage):
     def delete_benchmark(self, uri: str) -> None:
         """Deletes a benchmark; its episodes stay (delete them with ``delete_episode``)."""
         cat.check_id(uri, "benchmark", self._root)
-        with self._catalog.write() as conn:
+        with self._catalog.write(runs_ok=True) as conn:  # its episodes stay
             row = conn.execute("SELECT rid FROM benchmarks WHERE id = ?", (uri,)).fetchone()
             if row is None:
                 raise self._not_found("benchmark", uri)
@@ -378,7 +380,7 @@ class FileStorage(TupliStorage):
     def load_artifact(self, uri: str, **kwargs: object) -> bytes:
         """The artifact's bytes, checked against its sha256 (``kwargs`` are ignored)."""
         cat.check_id(uri, "artifact", self._root)
-        rows = self._catalog.query("SELECT hash FROM artifacts WHERE id = ?", (uri,))
+        rows = self._catalog.query("SELECT hash FROM artifacts WHERE id = ?", (uri,), runs_ok=True)
         if not rows:
             raise self._not_found("artifact", uri)
         return read_artifact(self._layout, uri, rows[0][0])
@@ -403,7 +405,7 @@ class FileStorage(TupliStorage):
     def delete_artifact(self, uri: str) -> None:
         """Deletes an artifact and its file."""
         cat.check_id(uri, "artifact", self._root)
-        with self._catalog.write() as conn:
+        with self._catalog.write(runs_ok=True) as conn:
             row = conn.execute("SELECT rid FROM artifacts WHERE id = ?", (uri,)).fetchone()
             if row is None:
                 raise self._not_found("artifact", uri)
@@ -465,7 +467,7 @@ class FileStorage(TupliStorage):
     @guarded("record the episode batch")
     def record_episode_batch(
         self, batch: EpisodeBatch, *, batch_id: str | None = None
-    ) -> list[EpisodeHeader]:
+    ) -> Sequence[EpisodeHeader]:
         """Stores ``E`` episodes given as packed columns (``EpisodeBatch``), all or nothing.
 
         The fast path of the recorder's flush: one shard written straight from the columns
@@ -479,7 +481,11 @@ class FileStorage(TupliStorage):
             batch_id: As in ``record_episodes``.
 
         Returns:
-            One ``EpisodeHeader`` per episode, in batch order.
+            One ``EpisodeHeader`` per episode, in batch order. For a batch without metadata
+            (``batch.metadata is None``) a lazy ``EpisodeHeaders`` sequence, which builds each
+            header when read and gives all lengths at once as ``headers.n_tuples``: such a
+            batch is committed as one catalog row (its episode rows are inserted before the
+            next transaction that reads episodes), so storing it costs ~1 us per episode.
 
         Raises:
             TupliStorageError: Columns whose lengths disagree with ``n_tuples``, bad per-episode

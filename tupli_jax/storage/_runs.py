@@ -1,0 +1,263 @@
+"""Episode runs: a batch's episode rows, committed as one row and expanded when first needed.
+
+Host-side only. An ``episodes`` row costs SQLite ~5-8 us to insert (the table and its indexes),
+so a recorder writing 100k short episodes per second would spend most of its time in the catalog.
+A batch without metadata (what ``tj.record`` writes) is committed instead as one
+``episode_runs`` row: the episodes' ids (comma-joined), an int64 ``[3, n]`` array
+(``row_start, n_tuples, flags``, as in ``episodes``) and a float64 ``[n]`` array of returns; the
+rest is the same for the whole batch (benchmark, shard, creator, time; metadata ``{}``,
+``published_in`` ``[created_by]``, ``timeout`` = ``truncated``). The episodes get their ``rid``
+at commit (``first_rid .. first_rid + n - 1``, above every other rid, see ``next_rid``) and are
+added to the episode blocks then, so the columnar read path (``TupliDataset``) reads them at once.
+
+``expand`` turns every run into its ``episodes`` rows (the same values a row-by-row insert
+writes) and deletes the runs, in the caller's write transaction. ``Catalog`` calls it before any
+transaction that reads or changes episode rows (``Catalog.read`` / ``write`` / ``query`` unless
+``runs_ok=True``): to every query the episodes of a run look like episodes inserted row by row.
+The cost is only moved, to the first episode query after a recording (~10 us per episode, once),
+off the recording's critical path.
+
+Example:
+    >>> # first = next_rid(conn)
+    >>> # add(conn, "bench", shard_rid=3, first_rid=first, ids=ids, row_start=starts,
+    >>> #     n_tuples=lengths, flags=flags, returns=returns, created_by="me", created_at=now)
+    >>> # expand(conn)  # later, in a write transaction
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from itertools import repeat
+from typing import Any, overload
+
+import numpy as np
+
+from tupli_jax.schema import EpisodeHeader
+
+__all__ = ["SCHEMA", "EpisodeHeaders", "add", "expand", "next_rid", "pending"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS episode_runs (
+    rid INTEGER PRIMARY KEY, benchmark_id TEXT NOT NULL, shard_rid INTEGER NOT NULL,
+    first_rid INTEGER NOT NULL, n INTEGER NOT NULL, ids TEXT NOT NULL, columns BLOB NOT NULL,
+    returns BLOB NOT NULL, created_by TEXT NOT NULL, created_at TEXT NOT NULL);
+"""
+_FIELDS = 3  # row_start, n_tuples, flags
+_set_attr = object.__setattr__
+
+
+def pending(conn: sqlite3.Connection) -> bool:
+    """Whether any run waits to be expanded (~2 us)."""
+    return conn.execute("SELECT 1 FROM episode_runs LIMIT 1").fetchone() is not None
+
+
+def next_rid(conn: sqlite3.Connection) -> int:
+    """The first rid above every episode, expanded or not (inside a write transaction)."""
+    row = conn.execute(
+        "SELECT max(COALESCE((SELECT max(rid) FROM episodes), 0), "
+        "COALESCE((SELECT max(first_rid + n - 1) FROM episode_runs), 0))"
+    ).fetchone()
+    return int(row[0]) + 1
+
+
+def add(
+    conn: sqlite3.Connection,
+    benchmark_id: str,
+    *,
+    shard_rid: int,
+    first_rid: int,
+    ids: Sequence[str],
+    row_start: np.ndarray,
+    n_tuples: np.ndarray,
+    flags: np.ndarray,
+    returns: np.ndarray,
+    created_by: str,
+    created_at: str,
+) -> None:
+    """Inserts one run of ``len(ids)`` episodes with rids ``first_rid, first_rid + 1, ...``.
+
+    ``flags`` as in ``episodes`` (``terminated + 2 * truncated + 8 * reset_row``; runs hold no
+    inexact metadata).
+    """
+    n = len(ids)
+    columns = np.stack([row_start, n_tuples, flags]).astype("<i8", copy=False)
+    if columns.shape != (_FIELDS, n) or np.shape(returns) != (n,):
+        raise ValueError(f"a run of {n} episodes needs {n} values per column")
+    conn.execute(
+        "INSERT INTO episode_runs (benchmark_id, shard_rid, first_rid, n, ids, columns, returns, "
+        "created_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            benchmark_id,
+            shard_rid,
+            first_rid,
+            n,
+            ",".join(ids),
+            np.ascontiguousarray(columns).tobytes(),
+            np.ascontiguousarray(returns, dtype="<f8").tobytes(),
+            created_by,
+            created_at,
+        ),
+    )
+
+
+def _decode(
+    rid: int, n: int, ids: str, columns: bytes, returns: bytes
+) -> tuple[list[str], Any, Any]:
+    names = ids.split(",") if n else []
+    values = np.frombuffer(columns, dtype="<i8") if len(columns) % 8 == 0 else np.zeros(0)
+    rewards = np.frombuffer(returns, dtype="<f8") if len(returns) % 8 == 0 else np.zeros(0)
+    if len(names) != n or values.size != _FIELDS * n or rewards.size != n:
+        raise ValueError(
+            f"episode run #{rid} is damaged: {n} episodes but {len(names)} ids, "
+            f"{values.size} column values (expected {_FIELDS * n}) and {rewards.size} returns; "
+            "no episode query can run until it is removed (DELETE FROM episode_runs WHERE "
+            f"rid = {rid} on catalog.sqlite, which drops its episodes from the catalog; then "
+            "run verify())"
+        )
+    return names, values.reshape(_FIELDS, n), rewards
+
+
+def expand(conn: sqlite3.Connection) -> int:
+    """Inserts the ``episodes`` rows of every run and deletes the runs; the episodes expanded.
+
+    Call inside a write transaction (``BEGIN IMMEDIATE``): the runs read are the runs deleted.
+
+    Raises:
+        ValueError: A run is damaged (its sizes disagree).
+    """
+    runs = conn.execute(
+        "SELECT rid, benchmark_id, shard_rid, first_rid, n, ids, columns, returns, created_by, "
+        "created_at FROM episode_runs ORDER BY first_rid"
+    ).fetchall()
+    total = 0
+    for rid, bench, shard_rid, first_rid, n, id_text, blob, returns_blob, by, at in runs:
+        ids, (start, length, flags), returns = _decode(rid, n, id_text, blob, returns_blob)
+        stop = start + length + (flags >> 3)
+        terminated = (flags & 1).tolist()
+        truncated = ((flags >> 1) & 1).tolist()
+        conn.executemany(
+            "INSERT INTO episodes (rid, id, benchmark_id, shard_rid, row_start, row_stop, "
+            "n_tuples, episode_return, terminated, timeout, truncated, metadata, created_by, "
+            "created_at, published_in, inexact, flags) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, 0, ?)",
+            zip(range(first_rid, first_rid + n), ids, repeat(bench), repeat(shard_rid),
+                start.tolist(), stop.tolist(), length.tolist(), returns.tolist(), terminated,
+                truncated, truncated, repeat(by), repeat(at), repeat(json.dumps([by])),
+                flags.tolist()),
+        )  # fmt: skip
+        total += n
+    conn.execute("DELETE FROM episode_runs")
+    return total
+
+
+class EpisodeHeaders(Sequence[EpisodeHeader]):
+    """The headers of a stored batch, built one at a time when read (a read-only sequence).
+
+    What ``FileStorage.record_episode_batch`` returns: building 100k pydantic headers costs
+    ~0.4 s, which a recorder that only counts them should not pay. Indexing, iterating and
+    slicing give ordinary ``EpisodeHeader`` objects, the same as ``list_episodes`` returns for
+    these episodes; ``n_tuples`` gives all lengths at once. Like a list, it equals a list of equal
+    headers and concatenates with ``+`` (into a list).
+
+    Example:
+        >>> import numpy as np
+        >>> h = EpisodeHeaders(["a1", "b2"], "bench", np.array([3, 4]), np.array([1.0, 2.5]),
+        ...                    np.array([True, False]), np.array([False, True]), "me", "now")
+        >>> len(h), h[1].id, h[1].truncated, int(h.n_tuples.sum())
+        (2, 'b2', True, 7)
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        benchmark_id: str,
+        n_tuples: np.ndarray,
+        returns: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        created_by: str,
+        created_at: str,
+    ) -> None:
+        self._ids = list(ids)
+        self._bench = benchmark_id
+        self._n_tuples = np.asarray(n_tuples, np.int64)
+        self._returns = np.asarray(returns, np.float64)
+        self._terminated = np.asarray(terminated, bool)
+        self._truncated = np.asarray(truncated, bool)
+        self._by, self._at = created_by, created_at
+        self._fields = set(EpisodeHeader.model_fields)
+
+    @property
+    def n_tuples(self) -> np.ndarray:
+        """Every episode's number of transitions (int64 ``[n]``, read-only view)."""
+        view = self._n_tuples.view()
+        view.flags.writeable = False
+        return view
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _header(self, i: int) -> EpisodeHeader:
+        header = object.__new__(EpisodeHeader)
+        truncated = bool(self._truncated[i])
+        _set_attr(
+            header,
+            "__dict__",
+            {
+                "id": self._ids[i],
+                "created_by": self._by,
+                "published_in": [self._by],
+                "created_at": self._at,
+                "benchmark_id": self._bench,
+                "metadata": {},
+                "n_tuples": int(self._n_tuples[i]),
+                "terminated": bool(self._terminated[i]),
+                "timeout": truncated,
+                "truncated": truncated,
+                "episode_return": float(self._returns[i]),
+            },
+        )
+        _set_attr(header, "__pydantic_fields_set__", self._fields)
+        _set_attr(header, "__pydantic_extra__", None)
+        _set_attr(header, "__pydantic_private__", None)
+        return header
+
+    @overload
+    def __getitem__(self, index: int) -> EpisodeHeader: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[EpisodeHeader]: ...
+
+    def __getitem__(self, index: int | slice) -> EpisodeHeader | list[EpisodeHeader]:
+        if isinstance(index, slice):
+            return [self._header(i) for i in range(*index.indices(len(self)))]
+        n = len(self)
+        i = index.__index__()
+        if not -n <= i < n:
+            raise IndexError(f"episode index {index} out of range for {n} headers")
+        return self._header(i % n if n else i)
+
+    def __iter__(self) -> Iterator[EpisodeHeader]:
+        return (self._header(i) for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EpisodeHeaders | list):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-like equality, as list
+
+    def __add__(self, other: object) -> list[EpisodeHeader]:
+        if isinstance(other, EpisodeHeaders | list):
+            return [*self, *other]
+        return NotImplemented
+
+    def __radd__(self, other: object) -> list[EpisodeHeader]:
+        if isinstance(other, list):
+            return [*other, *self]
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"EpisodeHeaders({len(self)} episodes of benchmark {self._bench!r})"

@@ -40,6 +40,7 @@ from jumanji.env import Environment
 from jumanji.types import StepType, TimeStep, restart
 
 import tupli_jax as tj
+from tupli_jax.schema import FilterEQ
 
 __all__ = [
     "CartPole",
@@ -280,7 +281,9 @@ def record_once(env: Any, num_envs: int, steps: int, capacity: int) -> dict[str,
     """One ``tj.record`` job into a new store; its figures (the store is deleted after).
 
     ``seconds`` is the job's wall time minus ``RecordResult.compile_seconds`` (opening the
-    empty store is not timed).
+    empty store is not timed). ``index_seconds``: the first episode query after the job, which
+    inserts the ``episodes`` rows of the job's episode runs (``tupli_jax/storage/_runs.py``);
+    ``store_bytes`` is measured after it.
     """
     root = Path(tempfile.mkdtemp(prefix="bench_record_"))
     try:
@@ -297,7 +300,11 @@ def record_once(env: Any, num_envs: int, steps: int, capacity: int) -> dict[str,
             progress=False,
         )
         wall = time.perf_counter() - start
-        shards, total = _size(root)
+        shards, _ = _size(root)
+        start = time.perf_counter()
+        storage.list_episodes(FilterEQ(key="n_tuples", value=-1))  # matches none
+        index = time.perf_counter() - start
+        _, total = _size(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {
@@ -307,6 +314,7 @@ def record_once(env: Any, num_envs: int, steps: int, capacity: int) -> dict[str,
         "transitions": result.num_transitions,
         "shard_bytes": shards,
         "store_bytes": total,
+        "index_seconds": index,
     }
 
 

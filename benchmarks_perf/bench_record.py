@@ -17,8 +17,10 @@ transitions (``steps = transitions / B`` per env, in chunks of ``--capacity`` st
 Reported per env: medians over ``--repeats`` (unrecorded and recorded runs interleaved; the
 ratio is the median of per-repeat ratios, with the ratio of the best times in parentheses, which
 other processes on a shared machine disturb least), compile times, stored episodes and
-episodes/s, and the store size per transition (shards alone, and the whole store directory with
-the catalog).
+episodes/s, the store size per transition (shards alone, and the whole store directory with
+the catalog), and the first episode query after the job (``first episode query``: it inserts
+the catalog rows of the job's episodes, which ``tj.record`` commits as one row per chunk; not
+part of the job's time, and paid once).
 
 Targets (B = 1024, >= 2M transitions): <= 1.15x for Game2048 and CartPole-like, <= 1.4x for
 Snake.
@@ -94,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {args}; {steps} steps x {args.num_envs} envs = {steps * args.num_envs:,}")
     print(
         "\n| env | episodes | unrecorded | tj.record | ratio | episodes/s "
-        "| B/transition (shards / store) | compile s (unrec / record) | first call |"
+        "| B/transition (shards / store) | compile s (unrec / record) | first call "
+        "| first episode query |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for env_id in [e for e in args.envs.split(",") if e]:
         r = bench_env(env_id, args.num_envs, steps, args.capacity, args.repeats)
         n = steps * args.num_envs
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {last['episodes'] / r['recorded']:,.0f} "
             f"| {last['shard_bytes'] / per:.1f} / {last['store_bytes'] / per:.1f} "
             f"| {r['compile'][0]:.1f} / {r['compile'][1]:.1f} "
-            f"| {r['first']['seconds']:.2f} s + {r['first']['compile']:.1f} s compile |",
+            f"| {r['first']['seconds']:.2f} s + {r['first']['compile']:.1f} s compile "
+            f"| {last['index_seconds']:.2f} s |",
             flush=True,
         )
 

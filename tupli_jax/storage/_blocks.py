@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -103,12 +103,15 @@ def add(
 ) -> None:
     """Adds new episodes (rids above every existing one, increasing) to their blocks."""
     columns = np.array([rids, shard_rids, row_starts, n_tuples, flags], dtype=np.int64)
-    groups: dict[str, list[int]] = {}
-    for i, bench in enumerate(benchmark_ids):
-        groups.setdefault(bench, []).append(i)
+    groups: dict[str, Any] = {}
+    if len(set(benchmark_ids)) == 1:  # the common case: one benchmark, no per-episode loop
+        groups[benchmark_ids[0]] = slice(None)
+    else:
+        for i, bench in enumerate(benchmark_ids):
+            groups.setdefault(bench, []).append(i)
     for bench, members in groups.items():
         new_columns = columns[:, members]
-        new_ids = [ids[i] for i in members]
+        new_ids = list(ids[members]) if isinstance(members, slice) else [ids[i] for i in members]
         last = conn.execute(
             "SELECT rid, n, ids, columns FROM episode_blocks WHERE benchmark_id = ? "
             "ORDER BY first_rid DESC LIMIT 1",

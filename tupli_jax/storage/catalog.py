@@ -132,8 +132,9 @@ def new_ids(n: int) -> list[str]:
     raw[:, :6] = np.frombuffer((time.time_ns() // 1_000_000).to_bytes(6, "big"), np.uint8)
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x70
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80
-    text = raw.tobytes().hex()
-    return sorted(text[i : i + 32] for i in range(0, 32 * n, 32))
+    high, low = raw.view(">u8").T  # byte order is hex order: sort the 16-byte keys
+    text = raw[np.lexsort((low, high))].tobytes().hex()
+    return [text[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
 def check_id(value: object, what: str, store: object) -> str:

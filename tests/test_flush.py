@@ -445,3 +445,37 @@ def test_failed_write_commits_nothing_and_can_be_retried(tmp_path: Path) -> None
     state = _rollout(rec, state, 6, seed=10)  # the carry of the first write is in place
     headers2 = rec.write(rec.fetch(state)[1])
     assert {h.id for h in headers}.isdisjoint({h.id for h in headers2})
+
+
+def test_write_pauses_the_cyclic_gc_and_restores_it(tmp_path: Path) -> None:
+    """The GC is off while a write cuts and stores (metadata_fn runs inside it), on again after,
+    also after a failed write; a caller's disabled GC stays disabled."""
+    import gc
+
+    from tupli_jax.storage.base import TupliStorageError
+    from tupli_jax.storage.file_storage import FileStorage
+
+    seen: list[bool] = []
+
+    def metadata(episode: Any) -> dict[str, Any]:
+        seen.append(gc.isenabled())
+        return {}
+
+    store = FileStorage(tmp_path / "store")
+    rec = _recorder(metadata_fn=metadata)
+    rec.storage, rec.id = store, "no-such-benchmark"
+    state, pending = rec.fetch(_rollout(rec, _start(rec), 6, seed=11))
+    assert gc.isenabled()
+    with pytest.raises(TupliStorageError):
+        rec.write(pending)
+    assert gc.isenabled() and seen and not any(seen)
+    rec.store(name="fake")
+    seen.clear()
+    assert len(rec.write(pending)) == len(seen) > 0
+    assert gc.isenabled() and not any(seen)
+    gc.disable()
+    try:
+        rec.write(rec.fetch(_rollout(rec, state, 6, seed=12))[1])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

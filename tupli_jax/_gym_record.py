@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import time
 import warnings
@@ -55,6 +54,7 @@ from tupli_jax.schema import (
     RLTuple,
     to_builtin,
 )
+from tupli_jax.storage._files import no_gc
 from tupli_jax.storage.base import TupliStorageError
 
 __all__ = [
@@ -173,13 +173,8 @@ def _write(storage: Any, items: Sequence[PendingItem]) -> list[EpisodeHeader]:
     """
     if not items:
         return []
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with no_gc():
         return _write_items(storage, items)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _write_items(storage: Any, items: Sequence[PendingItem]) -> list[EpisodeHeader]:

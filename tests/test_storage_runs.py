@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from tupli_jax.dataset import TupliDataset
 from tupli_jax.episode import EpisodeBatch
 from tupli_jax.schema import BenchmarkMetadata, BenchmarkQuery, EpisodeHeader, FilterEQ
-from tupli_jax.storage import FileStorage, TupliStorageError
-from tupli_jax.storage._runs import EpisodeHeaders
+from tupli_jax.storage import EpisodeHeaders, FileStorage, TupliStorageError
 
 
 def _bench(store: FileStorage, name: str = "b") -> str:

@@ -1,6 +1,8 @@
-"""The embedded store: ``TupliStorage`` interface, ``TupliStorageError`` and ``FileStorage``."""
+"""The embedded store: ``TupliStorage`` interface, ``TupliStorageError``, ``FileStorage`` and
+``EpisodeHeaders`` (the lazy headers ``FileStorage.record_episode_batch`` returns)."""
 
+from tupli_jax.storage._runs import EpisodeHeaders
 from tupli_jax.storage.base import TupliStorage, TupliStorageError
 from tupli_jax.storage.file_storage import FileStorage
 
-__all__ = ["FileStorage", "TupliStorage", "TupliStorageError"]
+__all__ = ["EpisodeHeaders", "FileStorage", "TupliStorage", "TupliStorageError"]

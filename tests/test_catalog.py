@@ -46,6 +46,7 @@ from tupli_jax.storage.catalog import (
     SCHEMA_VERSION,
     TEXT,
     UNINDEXED,
+    Catalog,
     check_id,
     compile_filter,
     document_leaves,
@@ -778,3 +779,17 @@ def test_a_newer_catalog_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(TupliStorageError, match="upgrade tupli_jax"):
         FileStorage(tmp_path / "s")
+
+
+def test_the_wal_file_is_cut_back_after_a_big_transaction(tmp_path: Path) -> None:
+    """Expanding many episode runs is one big transaction; the WAL file must not keep its size
+    (``journal_size_limit``) once a later write restarts it."""
+    catalog = Catalog(tmp_path / "catalog.sqlite", "store")
+    wal = tmp_path / "catalog.sqlite-wal"
+    with catalog.write() as conn:
+        conn.execute("INSERT INTO meta VALUES ('big', ?)", (b"x" * (24 << 20),))
+    assert wal.stat().st_size > 24 << 20
+    for k in range(3):  # the next writes restart the checkpointed WAL
+        with catalog.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('small', ?)", (str(k),))
+    assert wal.stat().st_size <= 4 << 20

@@ -99,6 +99,8 @@ SCHEMA_VERSION = 3  # 2: integer shard rids in ``episodes`` (version 1 is migrat
 # 3: ``episode_runs`` (a version-2 store gets the table when opened; older code must not open a
 # store whose runs it would not see)
 
+_WAL_SIZE_LIMIT = 4 << 20  # bytes the WAL file keeps after a checkpoint (SQLite's auto-checkpoint
+# runs at ~4 MiB of WAL)
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _BATCH_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
@@ -354,6 +356,9 @@ class Catalog:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA temp_store=MEMORY")
             conn.execute("PRAGMA cache_size=-65536")  # up to 64 MiB, as pages are read
+            # A big transaction (expanding episode runs) grows the WAL file; once checkpointed,
+            # SQLite cuts it back to this size instead of keeping it at its largest.
+            conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._conn, self._pid = conn, os.getpid()
             self._generation += 1
         return self._conn

@@ -4,6 +4,7 @@ real shards on ``tmp_path``."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -232,9 +233,113 @@ def test_damaged_run_is_reported_with_its_fix(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(TupliStorageError, match=r"episode run #1 is damaged.*DELETE FROM"):
         store.list_episodes()
+    assert any("episode run #1 is damaged" in problem for problem in store.verify())
+    conn = sqlite3.connect(store.root / "catalog.sqlite")
+    with conn:  # the blocks are rebuilt when the store is opened next
+        conn.execute("DELETE FROM meta WHERE key = 'episode_blocks'")
+    conn.close()
+    with pytest.raises(TupliStorageError, match=r"cannot open store .*episode run #1"):
+        FileStorage(store.root)
     conn = sqlite3.connect(store.root / "catalog.sqlite")
     with conn:
         conn.execute("DELETE FROM episode_runs WHERE rid = 1")
     conn.close()
     assert store.list_episodes() == []
     assert any("blocks" in problem for problem in store.verify())
+
+
+def test_verify_checks_pending_runs_without_expanding_them(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path / "s")
+    bench = _bench(store)
+    store.record_episode_batch(_batch([3, 2], bench))
+    assert store.verify() == []
+    assert _pending(store) == (1, 2)
+    conn = sqlite3.connect(store.root / "catalog.sqlite")
+    with conn:  # a pending episode beyond its shard's rows
+        conn.execute("UPDATE shards SET n_rows = 4")
+    conn.close()
+    assert any("bad row range" in problem for problem in store.verify())
+    assert _pending(store) == (1, 2)
+
+
+def test_a_read_that_expands_runs_holds_off_writers(tmp_path: Path) -> None:
+    """With runs pending, a read runs in the write transaction that expands them: nobody can
+    commit a new run between the expansion and the read."""
+    store = FileStorage(tmp_path / "s")
+    bench = _bench(store)
+    store.record_episode_batch(_batch([1, 2], bench))
+    other = sqlite3.connect(store.root / "catalog.sqlite", timeout=0.05)
+    try:
+        with store._catalog.read() as conn:
+            assert conn.execute("SELECT count(*) FROM episodes").fetchone() == (2,)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")  # free again after the read
+        other.execute("ROLLBACK")
+        store.record_episode_batch(_batch([4], bench))
+        with store._catalog.read(runs_ok=True) as conn:  # a plain read: writers may go on
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+def test_an_older_writer_cannot_take_the_rids_of_a_pending_run(tmp_path: Path) -> None:
+    """tupli_jax before episode runs inserted rows from ``MAX(rid) + 1`` of ``episodes``; a process
+    of that version still holding the store open must be refused, not corrupt it."""
+    store = FileStorage(tmp_path / "s")
+    bench = _bench(store)
+    store.record_episodes(_batch([2], bench).episodes())  # rid 1, a row
+    store.record_episode_batch(_batch([1, 3], bench))  # rids 2-3, a run
+    conn = sqlite3.connect(store.root / "catalog.sqlite")
+    try:
+        (rid,) = conn.execute("SELECT max(rid) + 1 FROM episodes").fetchone()
+        assert rid == 2
+        with pytest.raises(sqlite3.IntegrityError, match="reserved by an episode run"):
+            conn.execute(
+                "INSERT INTO episodes (rid, id, benchmark_id, shard_rid, row_start, row_stop, "
+                "n_tuples, episode_return, terminated, timeout, truncated, metadata, created_by, "
+                "created_at, published_in, inexact, flags) "
+                "VALUES (?, 'old', ?, 1, 0, 3, 2, 0.0, 1, 0, 0, '{}', 'x', 'now', '[]', 0, 9)",
+                (rid, bench),
+            )
+    finally:
+        conn.close()
+    assert [h.n_tuples for h in store.list_episodes()] == [2, 1, 3]
+    assert store.verify() == []
+
+
+def test_a_version_2_store_gets_the_runs_table_and_trigger(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path / "s")
+    bench = _bench(store)
+    store.record_episodes(_batch([2], bench).episodes())
+    store.close()
+    conn = sqlite3.connect(tmp_path / "s" / "catalog.sqlite")
+    with conn:
+        conn.execute("DROP TRIGGER episodes_reserved_rids")
+        conn.execute("DROP TABLE episode_runs")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    store = FileStorage(tmp_path / "s")
+    assert _sql(store, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    names = {r[0] for r in _sql(store, "SELECT name FROM sqlite_master")}
+    assert {"episode_runs", "episodes_reserved_rids"} <= names
+    store.record_episode_batch(_batch([1, 1], bench))
+    assert [h.n_tuples for h in store.list_episodes()] == [2, 1, 1]
+
+
+def test_nan_returns_are_stored_as_by_the_row_path(tmp_path: Path) -> None:
+    runs, rows = FileStorage(tmp_path / "runs"), FileStorage(tmp_path / "rows")
+    batches = []
+    for store in (runs, rows):
+        batch = _batch([2, 3], _bench(store))
+        batch.rewards[1] = np.nan
+        batches.append(batch)
+    lazy = runs.record_episode_batch(batches[0])
+    rows.record_episode_batch(dataclasses.replace(batches[1], metadata=[{}, {}]))
+    assert np.isnan(lazy[0].episode_return) and not np.isnan(lazy[1].episode_return)
+    for store in (runs, rows):
+        returns = [h.episode_return for h in store.list_episodes()]
+        assert np.isnan(returns[0]) and returns[1] == pytest.approx(lazy[1].episode_return)
+    select = "SELECT episode_return IS NULL, episode_return FROM episodes ORDER BY rid"
+    assert _sql(runs, select) == _sql(rows, select)

@@ -361,6 +361,8 @@ class RecordingWrapper(Wrapper):
 
         Host call; returns after the episodes are durable. Unfinished episodes stay on the host.
         If storing raises, nothing is committed and the same ``pending`` can be written again.
+        Returns the stored episodes' headers as the storage gives them (from a ``FileStorage``
+        without ``metadata_fn``: a lazy ``EpisodeHeaders`` sequence).
 
         Args:
             pending: From :meth:`fetch`; write them in fetch order.

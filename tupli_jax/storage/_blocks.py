@@ -200,16 +200,18 @@ def rebuild(conn: sqlite3.Connection) -> None:
         start = stop
 
 
-def check(conn: sqlite3.Connection) -> list[str]:
-    """How the blocks disagree with the ``episodes`` rows (``[]`` when they agree)."""
+def check(conn: sqlite3.Connection, pending: Sequence[tuple[Any, ...]] = ()) -> list[str]:
+    """How the blocks disagree with the ``episodes`` rows plus ``pending`` ones (the episodes of
+    runs not expanded yet, as ``(rid, shard_rid, row_start, n_tuples, flags, id,
+    benchmark_id)``); ``[]`` when they agree."""
     try:
         blocks = read(conn, None)
     except ValueError as err:
         return [f"damaged episode block: {err}"]
     rows = conn.execute(
-        "SELECT rid, shard_rid, row_start, n_tuples, flags, id, benchmark_id FROM episodes "
-        "ORDER BY rid"
+        "SELECT rid, shard_rid, row_start, n_tuples, flags, id, benchmark_id FROM episodes"
     ).fetchall()
+    rows = sorted([*rows, *pending], key=lambda r: int(r[0]))
     expected = np.array([r[:5] for r in rows], dtype=np.int64).reshape(-1, _FIELDS).T
     if (
         blocks.columns.shape == expected.shape

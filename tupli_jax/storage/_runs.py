@@ -17,6 +17,10 @@ transaction that reads or changes episode rows (``Catalog.read`` / ``write`` / `
 The cost is only moved, to the first episode query after a recording (~10 us per episode, once),
 off the recording's critical path.
 
+A process of an older tupli_jax that opened the store before it became schema 3 would insert
+``MAX(rid) + 1`` onwards, into a pending run's rids: the trigger ``episodes_reserved_rids``
+aborts such an insert with a message (``expand`` deletes the runs before inserting their rows).
+
 Example:
     >>> # first = next_rid(conn)
     >>> # add(conn, "bench", shard_rid=3, first_rid=first, ids=ids, row_start=starts,
@@ -30,19 +34,39 @@ import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from itertools import repeat
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 
 from tupli_jax.schema import EpisodeHeader
 
-__all__ = ["SCHEMA", "EpisodeHeaders", "add", "expand", "next_rid", "pending"]
+__all__ = [
+    "SCHEMA",
+    "TRIGGER",
+    "EpisodeHeaders",
+    "Run",
+    "add",
+    "expand",
+    "next_rid",
+    "pending",
+    "read",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS episode_runs (
     rid INTEGER PRIMARY KEY, benchmark_id TEXT NOT NULL, shard_rid INTEGER NOT NULL,
     first_rid INTEGER NOT NULL, n INTEGER NOT NULL, ids TEXT NOT NULL, columns BLOB NOT NULL,
     returns BLOB NOT NULL, created_by TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS episode_runs_first_rid ON episode_runs(first_rid);
+"""
+# Created after ``episodes`` (a version-1 store rebuilds that table, which drops its triggers).
+TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS episodes_reserved_rids BEFORE INSERT ON episodes
+WHEN (SELECT first_rid + n - 1 FROM episode_runs WHERE first_rid <= NEW.rid
+      ORDER BY first_rid DESC LIMIT 1) >= NEW.rid
+BEGIN
+    SELECT RAISE(ABORT, 'rid reserved by an episode run: restart with tupli_jax >= schema 3');
+END;
 """
 _FIELDS = 3  # row_start, n_tuples, flags
 _set_attr = object.__setattr__
@@ -102,38 +126,70 @@ def add(
     )
 
 
-def _decode(
-    rid: int, n: int, ids: str, columns: bytes, returns: bytes
-) -> tuple[list[str], Any, Any]:
+class Run(NamedTuple):
+    """One decoded episode run (``columns``: int64 ``[3, n]`` row_start, n_tuples, flags)."""
+
+    rid: int
+    benchmark_id: str
+    shard_rid: int
+    first_rid: int
+    ids: list[str]
+    columns: np.ndarray
+    returns: np.ndarray
+    created_by: str
+    created_at: str
+
+
+def _decode(row: Sequence[Any]) -> Run | str:
+    """The run of an ``episode_runs`` row, or what is wrong with it."""
+    rid, bench, shard_rid, first_rid, n, ids, columns, returns, by, at = row
     names = ids.split(",") if n else []
     values = np.frombuffer(columns, dtype="<i8") if len(columns) % 8 == 0 else np.zeros(0)
     rewards = np.frombuffer(returns, dtype="<f8") if len(returns) % 8 == 0 else np.zeros(0)
     if len(names) != n or values.size != _FIELDS * n or rewards.size != n:
-        raise ValueError(
+        return (
             f"episode run #{rid} is damaged: {n} episodes but {len(names)} ids, "
             f"{values.size} column values (expected {_FIELDS * n}) and {rewards.size} returns; "
             "no episode query can run until it is removed (DELETE FROM episode_runs WHERE "
-            f"rid = {rid} on catalog.sqlite, which drops its episodes from the catalog; then "
-            "run verify())"
+            f"rid = {rid} on catalog.sqlite drops its episodes from the catalog; then reopen "
+            "the store and run verify())"
         )
-    return names, values.reshape(_FIELDS, n), rewards
+    return Run(rid, bench, shard_rid, first_rid, names, values.reshape(_FIELDS, n), rewards, by, at)
+
+
+def read(conn: sqlite3.Connection) -> tuple[list[Run], list[str]]:
+    """Every pending run in rid order, and a description of each damaged one (left out)."""
+    runs: list[Run] = []
+    problems: list[str] = []
+    for row in conn.execute(
+        "SELECT rid, benchmark_id, shard_rid, first_rid, n, ids, columns, returns, created_by, "
+        "created_at FROM episode_runs ORDER BY first_rid"
+    ):
+        run = _decode(row)
+        if isinstance(run, str):
+            problems.append(run)
+        else:
+            runs.append(run)
+    return runs, problems
 
 
 def expand(conn: sqlite3.Connection) -> int:
     """Inserts the ``episodes`` rows of every run and deletes the runs; the episodes expanded.
 
-    Call inside a write transaction (``BEGIN IMMEDIATE``): the runs read are the runs deleted.
+    Call inside a write transaction (``BEGIN IMMEDIATE``): the runs read are the runs deleted
+    (first: the trigger ``episodes_reserved_rids`` refuses rows in a pending run's rids).
 
     Raises:
-        ValueError: A run is damaged (its sizes disagree).
+        ValueError: A run is damaged (its sizes disagree); nothing is changed.
     """
-    runs = conn.execute(
-        "SELECT rid, benchmark_id, shard_rid, first_rid, n, ids, columns, returns, created_by, "
-        "created_at FROM episode_runs ORDER BY first_rid"
-    ).fetchall()
+    runs, problems = read(conn)
+    if problems:
+        raise ValueError(problems[0])
+    conn.execute("DELETE FROM episode_runs")
     total = 0
-    for rid, bench, shard_rid, first_rid, n, id_text, blob, returns_blob, by, at in runs:
-        ids, (start, length, flags), returns = _decode(rid, n, id_text, blob, returns_blob)
+    for run in runs:
+        start, length, flags = run.columns
+        n, by = len(run.ids), run.created_by
         stop = start + length + (flags >> 3)
         terminated = (flags & 1).tolist()
         truncated = ((flags >> 1) & 1).tolist()
@@ -142,13 +198,12 @@ def expand(conn: sqlite3.Connection) -> int:
             "n_tuples, episode_return, terminated, timeout, truncated, metadata, created_by, "
             "created_at, published_in, inexact, flags) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, 0, ?)",
-            zip(range(first_rid, first_rid + n), ids, repeat(bench), repeat(shard_rid),
-                start.tolist(), stop.tolist(), length.tolist(), returns.tolist(), terminated,
-                truncated, truncated, repeat(by), repeat(at), repeat(json.dumps([by])),
-                flags.tolist()),
+            zip(range(run.first_rid, run.first_rid + n), run.ids, repeat(run.benchmark_id),
+                repeat(run.shard_rid), start.tolist(), stop.tolist(), length.tolist(),
+                run.returns.tolist(), terminated, truncated, truncated, repeat(by),
+                repeat(run.created_at), repeat(json.dumps([by])), flags.tolist()),
         )  # fmt: skip
         total += n
-    conn.execute("DELETE FROM episode_runs")
     return total
 
 
@@ -159,7 +214,8 @@ class EpisodeHeaders(Sequence[EpisodeHeader]):
     ~0.4 s, which a recorder that only counts them should not pay. Indexing, iterating and
     slicing give ordinary ``EpisodeHeader`` objects, the same as ``list_episodes`` returns for
     these episodes; ``n_tuples`` gives all lengths at once. Like a list, it equals a list of equal
-    headers and concatenates with ``+`` (into a list).
+    headers and concatenates with ``+`` (into a list); unlike a list it is read-only and every
+    access builds a new header (changes to one are not kept; ``list(headers)`` for a list).
 
     Example:
         >>> import numpy as np

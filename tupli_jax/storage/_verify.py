@@ -13,7 +13,7 @@ import collections
 import hashlib
 import os
 
-from tupli_jax.storage import _blocks
+from tupli_jax.storage import _blocks, _runs
 from tupli_jax.storage._files import SHARD_FILE, Layout
 from tupli_jax.storage.catalog import Catalog, is_id
 from tupli_jax.storage.shards import verify_shard
@@ -29,25 +29,37 @@ def verify_store(layout: Layout, catalog: Catalog) -> list[str]:
     Finds orphan shard and artifact files, missing files, checksum mismatches, episodes whose row
     range does not fit their shard or their length, overlapping episodes, shards without
     episodes, damaged artifacts, leftovers of dead writers, episode blocks that disagree with the
-    episode rows and SQLite-level damage.
+    episode rows, damaged episode runs and SQLite-level damage. Episodes still in runs are
+    checked as if expanded (nothing is expanded).
     """
-    quick = [r[0] for r in catalog.query("PRAGMA quick_check")]
-    with catalog.write() as conn:  # the write lock: no writer is between rename+commit
+    quick = [r[0] for r in catalog.query("PRAGMA quick_check", runs_ok=True)]
+    # The write lock: no writer is between rename+commit. Episode runs are read, not expanded.
+    with catalog.write(runs_ok=True) as conn:
         shard_rows = conn.execute("SELECT name, checksum, size, n_rows FROM shards").fetchall()
         shard_names = dict(conn.execute("SELECT rid, name FROM shards").fetchall())
-        episodes = [
-            (eid, shard_names.get(srid, f"#{srid}"), start, stop, n_tuples)
-            for eid, srid, start, stop, n_tuples in conn.execute(
-                "SELECT id, shard_rid, row_start, row_stop, n_tuples FROM episodes "
-                "ORDER BY shard_rid, row_start"
-            )
-        ]
+        rows = conn.execute(
+            "SELECT rid, shard_rid, row_start, n_tuples, flags, id, benchmark_id, row_stop "
+            "FROM episodes"
+        ).fetchall()
+        runs, run_problems = _runs.read(conn)
+        pending = [
+            (rid, run.shard_rid, start, length, flags, eid, run.benchmark_id,
+             start + length + (flags >> 3))
+            for run in runs
+            for rid, eid, start, length, flags in zip(
+                range(run.first_rid, run.first_rid + len(run.ids)), run.ids,
+                *run.columns.tolist(), strict=True)
+        ]  # fmt: skip
+        episodes = sorted(
+            (shard_names.get(srid, f"#{srid}"), start, stop, n_tuples, eid)
+            for _, srid, start, n_tuples, _, eid, _, stop in rows + pending
+        )
         artifact_rows = conn.execute("SELECT id, hash, size FROM artifacts").fetchall()
-        block_problems = _blocks.check(conn)
+        block_problems = _blocks.check(conn, [r[:7] for r in pending])
         shard_files = {e.name for e in os.scandir(layout.shards)}
         artifact_files = {e.name for e in os.scandir(layout.artifacts)}
         stale = layout.stale_staging()
-    problems: list[str] = []
+    problems: list[str] = list(run_problems)
     if quick != ["ok"]:
         problems.append(f"catalog.sqlite failed SQLite's quick_check: {'; '.join(quick[:5])}")
 
@@ -67,7 +79,7 @@ def verify_store(layout: Layout, catalog: Catalog) -> list[str]:
         ),
     )
     report("stale staging directory of a dead writer", [str(layout.staging / n) for n in stale])
-    per_shard = collections.Counter(e[1] for e in episodes)
+    per_shard = collections.Counter(e[0] for e in episodes)
     used = set(per_shard)
     missing, damaged = [], []
     for name, checksum, size, n_rows in shard_rows:
@@ -85,7 +97,7 @@ def verify_store(layout: Layout, catalog: Catalog) -> list[str]:
     report("shard without episodes", sorted(n for n in known if n not in used))
     bad_ranges, dangling, overlaps = [], [], []
     previous: tuple[str, int] = ("", 0)
-    for eid, shard, start, stop, n_tuples in episodes:
+    for shard, start, stop, n_tuples, eid in episodes:
         if shard not in known:
             dangling.append(f"episode '{eid}' -> shard '{shard}'")
             continue

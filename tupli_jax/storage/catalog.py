@@ -270,7 +270,15 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
 
 
 def _statements(script: str) -> list[str]:
-    return [statement for statement in script.split(";") if statement.strip()]
+    """The statements of ``script`` (a trigger's body holds ``;`` of its own)."""
+    out, current = [], ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n;"):
+                out.append(current)
+            current = ""
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,11 +341,14 @@ class Catalog:
             columns = {r[1] for r in conn.execute("PRAGMA table_info(episodes)")}
             if "shard_rid" not in columns:
                 _migrate_v1(conn)
-            for statement in _statements(_EPISODE_INDEXES):
+            for statement in _statements(_EPISODE_INDEXES + _runs.TRIGGER):
                 conn.execute(statement)
             key = (_blocks.META_KEY,)
             if conn.execute("SELECT 1 FROM meta WHERE key = ?", key).fetchone() is None:
-                _runs.expand(conn)
+                try:
+                    _runs.expand(conn)
+                except ValueError as err:
+                    raise TupliStorageError(f"cannot open store '{store}': {err}") from err
                 _blocks.rebuild(conn)  # a new, migrated or repaired store
                 conn.execute("INSERT INTO meta VALUES (?, '1')", key)
             if row is None or int(row[0]) < SCHEMA_VERSION:
@@ -391,28 +402,26 @@ class Catalog:
     def read(self, *, runs_ok: bool = False) -> Iterator[sqlite3.Connection]:
         """A read transaction: every statement inside sees the same snapshot.
 
-        Unless ``runs_ok``, the snapshot has no episode runs: runs committed before it are
-        expanded first (in a write transaction of their own; tried three times, so a writer
-        committing runs nonstop cannot starve the reader, which then reads the last rows
-        without them, as if it had read a moment earlier).
+        Unless ``runs_ok``, the snapshot has no episode runs: if some are pending, the read runs
+        in a write transaction that expands them first (holding the write lock, so no writer
+        adds runs before the read ends). Does not nest in another ``read`` / ``write``.
         """
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN")
-            for _ in range(3):
-                if runs_ok or not _runs.pending(conn):
-                    break
+            if not runs_ok and _runs.pending(conn):
                 conn.execute("COMMIT")
-                with self.write():  # expands them (another process may have done it already)
-                    pass
-                conn.execute("BEGIN")
+                with self.write() as conn:
+                    yield conn
+                return
             try:
                 yield conn
             finally:
                 conn.execute("COMMIT")
 
     def query(self, sql: str, params: Sequence[Any] = (), *, runs_ok: bool = False) -> list[Any]:
-        """Runs one statement and returns all its rows (``runs_ok`` as in ``read``)."""
+        """Runs one statement in a ``read`` transaction and returns all its rows (``runs_ok`` as
+        in ``read``; so not inside another ``read`` / ``write``: use its connection there)."""
         with self.read(runs_ok=runs_ok) as conn:
             return conn.execute(sql, params).fetchall()
 

@@ -10,12 +10,13 @@ Usage:
 ``episodes`` records ``N_BATCHES`` batches of ``BATCH_SIZE`` episodes with metadata
 ``{"writer": TAG, "batch": k, "size": BATCH_SIZE}``. ``benchmarks`` stores benchmarks with hashes
 ``h0 .. h{N-1}``. ``loop`` records random batches (two observation structures, so some batches
-write two shards), deletes whole earlier batches and stores artifacts until it is killed; it prints
-``ready`` after its first commit. ``batch`` waits until the wall-clock time ``START_AT`` (so
-that racing processes start together), records a fixed batch of 4 episodes under ``BATCH_ID``
-and prints the returned episode ids as JSON. ``chunks`` records chunks ``START .. STOP - 1`` with
-``batch_id=chunk_batch_id(k)``, as a restarted job re-runs its chunks, printing ``committed k``
-after each.
+write two shards), every other time a packed batch of ``RUN_SIZE`` episodes without metadata (one
+episode run), deletes whole earlier batches (expanding the runs) and stores artifacts until it is
+killed; it prints ``ready`` after its first commit. ``batch`` waits until the wall-clock time
+``START_AT`` (so that racing processes start together), records a fixed batch of 4 episodes under
+``BATCH_ID`` and prints the returned episode ids as JSON. ``chunks`` records chunks
+``START .. STOP - 1`` with ``batch_id=chunk_batch_id(k)``, as a restarted job re-runs its chunks,
+printing ``committed k`` after each.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from tupli_jax.episode import EpisodeData
+from tupli_jax.episode import EpisodeBatch, EpisodeData
 from tupli_jax.schema import (
     ArtifactMetadata,
     BenchmarkMetadata,
@@ -55,6 +56,24 @@ def make_episode(
         terminated=True,
         truncated=False,
         metadata=metadata,
+        benchmark_id=bench,
+    )
+
+
+RUN_SIZE = 3  # episodes of each episode run ``loop`` records
+
+
+def run_batch(rng: np.random.Generator, bench: str) -> EpisodeBatch:
+    """``RUN_SIZE`` random episodes packed, without metadata (stored as one episode run)."""
+    episodes = [make_episode(rng, bench, {}) for _ in range(RUN_SIZE)]
+    return EpisodeBatch(
+        observations=np.concatenate([e.observations for e in episodes]),
+        actions=np.concatenate([e.actions for e in episodes]),
+        rewards=np.concatenate([e.rewards for e in episodes]),
+        discounts=np.concatenate([e.discounts for e in episodes]),
+        n_tuples=np.array([e.length for e in episodes], np.int64),
+        terminated=np.ones(RUN_SIZE, bool),
+        truncated=np.zeros(RUN_SIZE, bool),
         benchmark_id=bench,
     )
 
@@ -97,6 +116,8 @@ def main(argv: list[str]) -> None:
             meta = {"writer": seed, "batch": k, "size": size}
             batch = [make_episode(rng, bench, meta, bool(rng.random() < 0.3)) for _ in range(size)]
             store.record_episodes(batch)
+            if k % 2 == 0:
+                store.record_episode_batch(run_batch(rng, bench))
             if k == 0:
                 print("ready", flush=True)
             if k % 3 == 2:  # delete a whole earlier batch (all or nothing)

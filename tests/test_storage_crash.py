@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _storage_writer import chunk_batch_id, chunk_episodes
+from _storage_writer import RUN_SIZE, chunk_batch_id, chunk_episodes
 
 from tupli_jax.schema import BenchmarkMetadata, BenchmarkQuery
 from tupli_jax.storage import FileStorage
@@ -56,12 +56,16 @@ def test_killed_writer_leaves_a_sound_store(tmp_path: Path) -> None:
                     pipe.close()
 
         reopened = FileStorage(root)  # recovery runs here
-        assert reopened.verify() == []
-        headers = reopened.list_episodes()
+        assert reopened.verify() == []  # checks pending episode runs without expanding them
+        everything = reopened.list_episodes()  # expands them
+        runs = [h for h in everything if not h.metadata]
+        assert len(runs) % RUN_SIZE == 0, "a partial episode run is listed"
+        assert len(runs) >= RUN_SIZE * (round_ + 1)  # each writer commits one before "ready"
+        headers = [h for h in everything if h.metadata]
         batches = collections.Counter((h.metadata["writer"], h.metadata["batch"]) for h in headers)
         sizes = {(h.metadata["writer"], h.metadata["batch"]): h.metadata["size"] for h in headers}
         assert {key: batches[key] for key in sizes} == sizes, "a partial batch is listed"
-        for header in headers:
+        for header in everything:
             episode = reopened.load_episode(header.id)
             n = header.n_tuples
             assert episode.length == n and np.shape(episode.discounts) == (n,)

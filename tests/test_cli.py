@@ -289,3 +289,27 @@ def test_record_unknown_env_is_one_line(tmp_path: Path):
     assert result.exit_code == 1
     assert "unknown env id 'NoSuchEnv-v9'" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_reader_that_leaves_early_ends_the_listing_quietly(tmp_path: Path):
+    """``tupli-jax list episodes --json | head -1``: no traceback, no error line."""
+    root = tmp_path / "store"
+    store = FileStorage(root)
+    bench = store.store_benchmark(
+        BenchmarkQuery(hash="p" * 64, serialized="{}", metadata=BenchmarkMetadata(name="pipe"))
+    ).id
+    store.record_episodes([_episode(2, i, True, bench) for i in range(600)])  # ~250 kB of JSON
+    store.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tupli_jax.cli", "list", "episodes", "--json", "--store", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 1
+    assert json.loads(first)["benchmark_id"] == bench
+    assert err == ""

@@ -11,7 +11,9 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -53,6 +55,9 @@ class CliError(Exception):
 def _one_line_errors() -> Iterator[None]:
     try:
         yield
+    except BrokenPipeError:  # the reader left (``| head``): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit flush
+        raise typer.Exit(code=1) from None
     except (CliError, TupliStorageError, ValueError, TypeError, KeyError, OSError) as e:
         typer.echo(f"error: {_first_line(e)}", err=True)
         raise typer.Exit(code=1) from None

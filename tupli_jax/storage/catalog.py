@@ -420,9 +420,13 @@ class Catalog:
                 conn.execute("COMMIT")
 
     def query(self, sql: str, params: Sequence[Any] = (), *, runs_ok: bool = False) -> list[Any]:
-        """Runs one statement in a ``read`` transaction and returns all its rows (``runs_ok`` as
-        in ``read``; so not inside another ``read`` / ``write``: use its connection there)."""
-        with self.read(runs_ok=runs_ok) as conn:
+        """Runs one statement and returns all its rows. Unless ``runs_ok``, in a ``read``
+        transaction that sees no episode runs (so not inside another ``read`` / ``write``: use
+        its connection there)."""
+        if runs_ok:
+            with self._lock:
+                return self._connection().execute(sql, params).fetchall()
+        with self.read() as conn:
             return conn.execute(sql, params).fetchall()
 
     def version(self) -> int:

@@ -93,7 +93,7 @@ def _write(
 
 def add(
     conn: sqlite3.Connection,
-    benchmark_ids: Sequence[str],
+    benchmark_ids: str | Sequence[str],
     rids: Sequence[int] | np.ndarray,
     shard_rids: Sequence[int] | np.ndarray,
     row_starts: Sequence[int] | np.ndarray,
@@ -101,11 +101,14 @@ def add(
     flags: Sequence[int] | np.ndarray,
     ids: Sequence[str],
 ) -> None:
-    """Adds new episodes (rids above every existing one, increasing) to their blocks."""
+    """Adds new episodes (rids above every existing one, increasing) to their blocks.
+
+    ``benchmark_ids``: per episode, or one ``str`` for all of them (no per-episode grouping).
+    """
     columns = np.array([rids, shard_rids, row_starts, n_tuples, flags], dtype=np.int64)
     groups: dict[str, Any] = {}
-    if len(set(benchmark_ids)) == 1:  # the common case: one benchmark, no per-episode loop
-        groups[benchmark_ids[0]] = slice(None)
+    if isinstance(benchmark_ids, str):
+        groups[benchmark_ids] = slice(None)
     else:
         for i, bench in enumerate(benchmark_ids):
             groups.setdefault(bench, []).append(i)

@@ -32,18 +32,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import repeat
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple
 
 import numpy as np
-
-from tupli_jax.schema import EpisodeHeader
 
 __all__ = [
     "SCHEMA",
     "TRIGGER",
-    "EpisodeHeaders",
     "Run",
     "add",
     "expand",
@@ -69,7 +66,6 @@ BEGIN
 END;
 """
 _FIELDS = 3  # row_start, n_tuples, flags
-_set_attr = object.__setattr__
 
 
 def pending(conn: sqlite3.Connection) -> bool:
@@ -205,115 +201,3 @@ def expand(conn: sqlite3.Connection) -> int:
         )  # fmt: skip
         total += n
     return total
-
-
-class EpisodeHeaders(Sequence[EpisodeHeader]):
-    """The headers of a stored batch, built one at a time when read (a read-only sequence).
-
-    What ``FileStorage.record_episode_batch`` returns: building 100k pydantic headers costs
-    ~0.4 s, which a recorder that only counts them should not pay. Indexing, iterating and
-    slicing give ordinary ``EpisodeHeader`` objects, the same as ``list_episodes`` returns for
-    these episodes; ``n_tuples`` gives all lengths at once. Like a list, it equals a list of equal
-    headers and concatenates with ``+`` (into a list); unlike a list it is read-only and every
-    access builds a new header (changes to one are not kept; ``list(headers)`` for a list).
-
-    Example:
-        >>> import numpy as np
-        >>> h = EpisodeHeaders(["a1", "b2"], "bench", np.array([3, 4]), np.array([1.0, 2.5]),
-        ...                    np.array([True, False]), np.array([False, True]), "me", "now")
-        >>> len(h), h[1].id, h[1].truncated, int(h.n_tuples.sum())
-        (2, 'b2', True, 7)
-    """
-
-    def __init__(
-        self,
-        ids: Sequence[str],
-        benchmark_id: str,
-        n_tuples: np.ndarray,
-        returns: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-        created_by: str,
-        created_at: str,
-    ) -> None:
-        self._ids = list(ids)
-        self._bench = benchmark_id
-        self._n_tuples = np.asarray(n_tuples, np.int64)
-        self._returns = np.asarray(returns, np.float64)
-        self._terminated = np.asarray(terminated, bool)
-        self._truncated = np.asarray(truncated, bool)
-        self._by, self._at = created_by, created_at
-        self._fields = set(EpisodeHeader.model_fields)
-
-    @property
-    def n_tuples(self) -> np.ndarray:
-        """Every episode's number of transitions (int64 ``[n]``, read-only view)."""
-        view = self._n_tuples.view()
-        view.flags.writeable = False
-        return view
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def _header(self, i: int) -> EpisodeHeader:
-        header = object.__new__(EpisodeHeader)
-        truncated = bool(self._truncated[i])
-        _set_attr(
-            header,
-            "__dict__",
-            {
-                "id": self._ids[i],
-                "created_by": self._by,
-                "published_in": [self._by],
-                "created_at": self._at,
-                "benchmark_id": self._bench,
-                "metadata": {},
-                "n_tuples": int(self._n_tuples[i]),
-                "terminated": bool(self._terminated[i]),
-                "timeout": truncated,
-                "truncated": truncated,
-                "episode_return": float(self._returns[i]),
-            },
-        )
-        _set_attr(header, "__pydantic_fields_set__", self._fields)
-        _set_attr(header, "__pydantic_extra__", None)
-        _set_attr(header, "__pydantic_private__", None)
-        return header
-
-    @overload
-    def __getitem__(self, index: int) -> EpisodeHeader: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[EpisodeHeader]: ...
-
-    def __getitem__(self, index: int | slice) -> EpisodeHeader | list[EpisodeHeader]:
-        if isinstance(index, slice):
-            return [self._header(i) for i in range(*index.indices(len(self)))]
-        n = len(self)
-        i = index.__index__()
-        if not -n <= i < n:
-            raise IndexError(f"episode index {index} out of range for {n} headers")
-        return self._header(i % n if n else i)
-
-    def __iter__(self) -> Iterator[EpisodeHeader]:
-        return (self._header(i) for i in range(len(self)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, EpisodeHeaders | list):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-like equality, as list
-
-    def __add__(self, other: object) -> list[EpisodeHeader]:
-        if isinstance(other, EpisodeHeaders | list):
-            return [*self, *other]
-        return NotImplemented
-
-    def __radd__(self, other: object) -> list[EpisodeHeader]:
-        if isinstance(other, list):
-            return [*other, *self]
-        return NotImplemented
-
-    def __repr__(self) -> str:
-        return f"EpisodeHeaders({len(self)} episodes of benchmark {self._bench!r})"

@@ -25,9 +25,13 @@ part of the job's time, and paid once).
 Targets (B = 1024, >= 2M transitions): <= 1.15x for Game2048 and CartPole-like, <= 1.4x for
 Snake.
 
+On a CPU-only machine XLA's threads and the writer share the cores; to give the rollout cores
+of its own, as an accelerator would, run it through ``benchmarks_perf/device_cores.py``.
+
 Usage:
     PYTHONPATH=. python benchmarks_perf/bench_record.py
     PYTHONPATH=. python benchmarks_perf/bench_record.py --envs Snake-v1 --repeats 3
+    PYTHONPATH=. python benchmarks_perf/device_cores.py 1 benchmarks_perf/bench_record.py
 """
 
 from __future__ import annotations
@@ -89,9 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     steps = max(args.transitions // args.num_envs // args.capacity, 1) * args.capacity
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "all"
     print(
         f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"jax {jax.__version__}, devices {jax.devices()}, load average {load:.1f}"
+        f"jax {jax.__version__}, devices {jax.devices()}, load average {load:.1f}, "
+        f"main thread on cores {cores}"
     )
     print(f"command: {args}; {steps} steps x {args.num_envs} envs = {steps * args.num_envs:,}")
     print(

@@ -50,6 +50,7 @@ __all__ = [
     "OpenEpisode",
     "PendingFlush",
     "cut_columns",
+    "store_batch",
 ]
 
 
@@ -126,6 +127,43 @@ def _overflow_error(capacity: int) -> ValueError:
     )
 
 
+def store_batch(
+    storage: TupliStorage, batch: EpisodeBatch, batch_id: str | None = None
+) -> Sequence[EpisodeHeader]:
+    """Stores a cut batch with one ``record_episode_batch`` call (the GC paused), or with
+    ``record_episodes`` on a storage without it; an empty batch without ``batch_id`` is not
+    stored. Returns the storage's headers.
+
+    Example:
+        >>> import tempfile
+        >>> from tupli_jax.schema import BenchmarkMetadata, BenchmarkQuery
+        >>> from tupli_jax.storage.file_storage import FileStorage
+        >>> store = FileStorage(tempfile.mkdtemp())
+        >>> bench = store.store_benchmark(
+        ...     BenchmarkQuery(hash="h", serialized="{}", metadata=BenchmarkMetadata(name="b")))
+        >>> batch = EpisodeBatch(
+        ...     observations=np.arange(5.0), actions=np.zeros(3, np.int32),
+        ...     rewards=np.ones(3, np.float32), discounts=np.array([1, 0, 1], np.float32),
+        ...     n_tuples=np.array([2, 1]), terminated=np.array([True, False]),
+        ...     truncated=np.array([False, True]), benchmark_id=bench.id)
+        >>> [h.n_tuples for h in store_batch(store, batch, batch_id="job:0")]
+        [2, 1]
+        >>> _ = store_batch(store, batch, batch_id="job:0")  # the same batch id: stored once
+        >>> len(store.list_episodes())
+        2
+    """
+    if batch_id is None and len(batch) == 0:
+        return []
+    with no_gc():
+        record_batch = getattr(storage, "record_episode_batch", None)
+        if callable(record_batch):
+            headers: Sequence[EpisodeHeader] = record_batch(batch, batch_id=batch_id)
+            return headers
+        record: Any = storage.record_episodes  # a storage with record_episodes only
+        episodes = batch.episodes()
+        return record(episodes) if batch_id is None else record(episodes, batch_id=batch_id)
+
+
 class Flusher:
     """Host bookkeeping of one recorder: carried episodes per flush token.
 
@@ -142,7 +180,7 @@ class Flusher:
         self._data_leaves: list[Any] = jax.tree.leaves(data)
         self._carries: dict[int, list[OpenEpisode | None]] = {}
         self._next_token = 1 + secrets.randbelow(MOD - 1)
-        # fetch (main thread) and write (a pipeline's writer thread) may run concurrently; the
+        # fetch (main thread) and write or cut (a pipeline's writer) may run concurrently; the
         # lock is never held during device transfers or storage I/O.
         self._lock = threading.RLock()
 
@@ -342,29 +380,28 @@ class Flusher:
         process (JAX's included), measured ~15% of a recording job's time for CartPole-like.
         """
         with no_gc():
-            return self._write(pending, storage, benchmark_id, metadata_fn, batch_id)
+            batch, commit = self._cut(pending, benchmark_id, metadata_fn)
+            headers = store_batch(storage, batch, batch_id)
+            commit()
+            return headers
 
-    def _write(
-        self,
-        pending: PendingFlush,
-        storage: TupliStorage,
-        benchmark_id: str,
-        metadata_fn: Any,
-        batch_id: str | None,
-    ) -> Sequence[EpisodeHeader]:
-        batch, commit = self._cut(pending, benchmark_id, metadata_fn)
-        record_batch = getattr(storage, "record_episode_batch", None)
-        headers: Sequence[EpisodeHeader]
-        if batch_id is None and len(batch) == 0:
-            headers = []
-        elif callable(record_batch):
-            headers = record_batch(batch, batch_id=batch_id)
-        else:  # a storage with record_episodes only
-            record: Any = storage.record_episodes
-            episodes = batch.episodes()
-            headers = record(episodes) if batch_id is None else record(episodes, batch_id=batch_id)
-        commit()
-        return headers
+    def cut(
+        self, pending: PendingFlush, benchmark_id: str = "", metadata_fn: Any = None
+    ) -> tuple[EpisodeBatch, Callable[[], None]]:
+        """The first half of :meth:`write` (the GC paused): the complete episodes of ``pending``
+        as one batch, and ``commit``, which makes the new carry current.
+
+        For a writer that stores batch k while it cuts batch k + 1 (``tj.record``): call
+        ``commit`` before cutting the next ``pending``, store the batches in order with
+        :func:`store_batch`, and give up the recorder if storing fails (its carry is then ahead
+        of the store). The batch never aliases ``pending``'s rows.
+
+        Example:
+            >>> # batch, commit = flusher.cut(pending, benchmark_id)
+            >>> # commit(); store_batch(storage, batch, batch_id="job:0")
+        """
+        with no_gc():
+            return self._cut(pending, benchmark_id, metadata_fn)
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from tupli_jax.buffer import BufferSpec, BufferState
 from tupli_jax.flush import Flusher, PendingFlush
 
 if TYPE_CHECKING:
-    from tupli_jax.episode import EpisodeData
+    from tupli_jax.episode import EpisodeBatch, EpisodeData
     from tupli_jax.schema import EpisodeHeader
     from tupli_jax.storage.base import TupliStorage
 
@@ -376,6 +376,14 @@ class RecordingWrapper(Wrapper):
             benchmark_id=self._require_id("write"),
             metadata_fn=self.metadata_fn,
             batch_id=batch_id,
+        )
+
+    def _cut(self, pending: PendingFlush) -> tuple[EpisodeBatch, Callable[[], None]]:
+        """``write`` without the storing (``Flusher.cut``): the batch for ``self.storage`` and the
+        carry's commit; for ``tj.record``'s writer, which stores batch k while it cuts k + 1."""
+        self._require_storage("write")
+        return self._flusher.cut(
+            pending, benchmark_id=self._require_id("write"), metadata_fn=self.metadata_fn
         )
 
     def collect(self, pending: PendingFlush) -> list[EpisodeData]:

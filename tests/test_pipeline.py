@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import tupli_jax as tj
-from tupli_jax import _tree
+from tupli_jax import _tree, pipeline
 from tupli_jax.pipeline import uniform_policy
 from tupli_jax.schema import FilterEQ
 from tupli_jax.testing import FakeEnv
@@ -92,8 +93,13 @@ def reference_episodes(
     return sorted(episodes), unfinished
 
 
+@pytest.mark.parametrize("overlap", ["cut while storing", "one after the other"])
 @pytest.mark.parametrize("capacity", [16, 7])
-def test_record_equals_reference_loop_on_fake_env(tmp_path: Path, capacity: int):
+def test_record_equals_reference_loop_on_fake_env(
+    tmp_path: Path, capacity: int, overlap: str, monkeypatch: pytest.MonkeyPatch
+):
+    if overlap == "one after the other":  # the writer's path for big batches
+        monkeypatch.setattr(pipeline, "_OVERLAP_BYTES", 0)
     env = FakeEnv(time_limit=9)
     store = tj.FileStorage(tmp_path / "store")
     result = tj.record(
@@ -148,6 +154,44 @@ def test_writer_receives_every_episode_and_throughput(tmp_path: Path):
     assert sorted(lengths) == sorted(h.n_tuples for h in headers)
     throughput = [v for tag, v, _ in writer.scalars if tag == "throughput/transitions_per_s"]
     assert len(throughput) == 4 and all(v > 0 for v in throughput)  # chunks: 8, 8, 8, 6
+
+
+class _FailingStore(tj.FileStorage):
+    """Fails the ``fail_at``-th batch (1-based) like a full disk; counts what it stored."""
+
+    def __init__(self, root: Path, fail_at: int) -> None:
+        super().__init__(root)
+        self.fail_at, self.calls, self.stored = fail_at, 0, 0
+
+    def record_episode_batch(self, batch: Any, batch_id: str | None = None) -> Any:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(28, "No space left on device")
+        headers = super().record_episode_batch(batch, batch_id=batch_id)
+        self.stored += len(headers)
+        return headers
+
+
+@pytest.mark.parametrize("overlap", ["cut while storing", "one after the other"])
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_a_failing_store_stops_the_job_with_its_error(
+    tmp_path: Path, fail_at: int, overlap: str, monkeypatch: pytest.MonkeyPatch
+):
+    if overlap == "one after the other":
+        monkeypatch.setattr(pipeline, "_OVERLAP_BYTES", 0)
+    store = _FailingStore(tmp_path / "store", fail_at)
+    with pytest.raises(OSError, match="No space left"):
+        tj.record(
+            FakeEnv(time_limit=5), storage=store, num_envs=3, num_steps=40, seed=3, capacity=4,
+            progress=False,
+        )  # fmt: skip
+    assert store.calls == fail_at  # no batch after the failed one was attempted
+    (bench,) = store.list_benchmarks()
+    expected, _ = reference_episodes(FakeEnv(time_limit=5), 3, 40, 3)
+    stored = stored_episodes(store, bench.id)
+    assert len(stored) == store.stored
+    assert not Counter(stored) - Counter(expected)  # whole episodes of the run, none twice
+    assert store.verify() == []
 
 
 def test_bad_arguments_raise(tmp_path: Path):

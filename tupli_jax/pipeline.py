@@ -5,10 +5,11 @@ environments with the recorder state donated, so it is updated in place. The rec
 step rows itself: every step's rows of all envs go into a time-major ``[T, B, ...]`` store at the
 scan's index (one ``dynamic_update_slice`` per array, no per-env scatter). There are two such
 stores (double buffering): after chunk k the host hands its store, zero-copy, with the few reset
-rows the recorder wrote (``RecordingWrapper._fetch``) to a writer thread, which cuts and stores
-the episodes while the device computes chunk k + 1 into the other store; chunk k + 2 reuses the
-first store once the writer is done with it. The host never waits for the device, nor the device
-for the disk, unless the disk is the bottleneck.
+rows the recorder wrote (``RecordingWrapper._fetch``) to the writer, which cuts the episodes
+while the device computes chunk k + 1 into the other store; chunk k + 2 reuses the first store
+once chunk k is cut. The writer stores chunk k on a second thread while it cuts chunk k + 1
+(``_Writer``). The host never waits for the device, nor the device for the disk, unless the
+disk is the bottleneck.
 
 Exactly once across restarts: every chunk is written as a store batch with id
 ``<run>:<chunk>``; with ``checkpoint_dir`` the job saves the recorder state, keys, counters, the
@@ -34,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,8 @@ import numpy as np
 from jumanji import specs
 from jumanji.env import Environment
 
+from tupli_jax.episode import EpisodeBatch
+from tupli_jax.flush import store_batch
 from tupli_jax.recorder import RecorderState, RecordingWrapper
 from tupli_jax.schema import EpisodeHeader
 from tupli_jax.storage.base import TupliStorage
@@ -164,56 +167,108 @@ def _empty_rows(rec: RecordingWrapper, num_envs: int, length: int) -> Any:
     return rec.buffer_spec.step_codec.empty(length, num_envs)
 
 
+_OVERLAP_BYTES = 64 << 20
+"""The writer cuts the next chunk while it stores one only below this many bytes per batch."""
+
+
 class _Writer:
-    """One background thread writing fetched chunks in order; a queue of one chunk."""
+    """Writes fetched chunks in order on two threads: one cuts chunk k + 1 while the other
+    stores chunk k (each a queue of one chunk).
+
+    Cutting (numpy gathers) and storing (Arrow, SQLite, fsync) release the GIL for most of
+    their time, so on a host with a free core for each the writer moves ~1.35x the transitions
+    per second of one thread doing both (CartPole-like, 7.5 MB per chunk, 2 cores, no device
+    work: ``benchmarks_perf/RESULTS.md``). For batches of ``_OVERLAP_BYTES`` or more it does
+    one after the other: two memory-bound stages at once were 1.45x slower for Snake's 0.78 GB
+    chunks, and it holds one batch less in memory. The cut thread makes each chunk's carry
+    current as soon as it is cut; the store thread stores the batches in chunk order. If either
+    fails, the job stops (the next ``put``, ``wait_released`` or ``drain`` raises) and the
+    recorder is not used again: resuming goes through a checkpoint, saved only after
+    ``drain``.
+    """
 
     def __init__(
         self, rec: RecordingWrapper, run_id: str, episodes: int = 0, transitions: int = 0
     ) -> None:
         self._rec = rec
         self._run_id = run_id
-        self._queue: queue.Queue[tuple[int, Any] | None] = queue.Queue(maxsize=1)
+        self._chunks: queue.Queue[tuple[int, Any] | None] = queue.Queue(maxsize=1)
+        self._batches: queue.Queue[tuple[int, Any] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self.episodes = episodes  # stored by this job so far (a resumed job starts from its
         self.transitions = transitions  # checkpoint's counts; replayed batches count once)
         self._lock = threading.Lock()
-        self._written = threading.Condition(self._lock)
-        self._handled = -1  # the last chunk index handled (written, or failed)
-        self._thread = threading.Thread(target=self._loop, name="tupli-jax-writer", daemon=True)
-        self._thread.start()
+        self._changed = threading.Condition(self._lock)
+        self._released = -1  # the last chunk index whose rows the cut thread let go of
+        self._threads = [
+            threading.Thread(target=self._cut_loop, name="tupli-jax-cut", daemon=True),
+            threading.Thread(target=self._store_loop, name="tupli-jax-store", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _loop(self) -> None:
+    def _fail(self, error: BaseException) -> None:
+        with self._changed:
+            if self._error is None:
+                self._error = error
+            self._changed.notify_all()
+
+    def _cut_loop(self) -> None:
         while True:
-            item = self._queue.get()
-            stop = item is None
-            chunk_index = -1
+            item = self._chunks.get()
             try:
-                if item is not None:
-                    chunk_index, pending = item
-                    item = None
-                    if self._error is None:
-                        headers = self._rec.write(pending, batch_id=f"{self._run_id}:{chunk_index}")
-                        with self._lock:
-                            self.episodes += len(headers)
-                            self.transitions += _transitions(headers)
-                    # Drop every host view of the chunk's rows before saying so: their device
-                    # buffers are donated to a later chunk, which copies them if a view lives.
-                    del pending
-            except BaseException as e:  # reported to the main thread on the next put / drain
-                self._error = e
+                if item is None:
+                    self._batches.put(None)
+                    return
+                chunk_index, pending = item
+                item = None
+                batch = None
+                if self._error is None:
+                    batch, commit = self._rec._cut(pending)
+                    commit()
+                # Drop every host view of the chunk's rows before saying so: their device
+                # buffers are donated to a later chunk, which copies them if a view lives.
+                del pending
+                with self._changed:
+                    self._released = chunk_index
+                    self._changed.notify_all()
+                if batch is not None:
+                    big = _nbytes(batch) >= _OVERLAP_BYTES
+                    self._batches.put((chunk_index, batch))
+                    del batch
+                    if big:  # stored before the next cut
+                        self._batches.join()
+            except BaseException as e:  # reported to the main thread on the next call
+                self._fail(e)
             finally:
-                with self._written:
-                    self._handled = max(self._handled, chunk_index)
-                    self._written.notify_all()
-                self._queue.task_done()
-            if stop:
-                return
+                self._chunks.task_done()
 
-    def wait_written(self, chunk_index: int) -> None:
-        """Blocks until chunk ``chunk_index`` was written (or writing failed)."""
-        with self._written:
-            while self._handled < chunk_index and self._error is None:
-                self._written.wait()
+    def _store_loop(self) -> None:
+        storage = self._rec.storage
+        while True:
+            item = self._batches.get()
+            try:
+                if item is None:
+                    return
+                chunk_index, batch = item
+                item = None
+                if self._error is None:
+                    batch_id = f"{self._run_id}:{chunk_index}"
+                    headers = store_batch(cast(TupliStorage, storage), batch, batch_id)
+                    with self._lock:
+                        self.episodes += len(headers)
+                        self.transitions += _transitions(headers)
+                del batch
+            except BaseException as e:
+                self._fail(e)
+            finally:
+                self._batches.task_done()
+
+    def wait_released(self, chunk_index: int) -> None:
+        """Blocks until the cut of chunk ``chunk_index`` no longer reads its rows (or failed)."""
+        with self._changed:
+            while self._released < chunk_index and self._error is None:
+                self._changed.wait()
         self._raise()
 
     def _raise(self) -> None:
@@ -222,16 +277,18 @@ class _Writer:
 
     def put(self, chunk_index: int, pending: Any) -> None:
         self._raise()
-        self._queue.put((chunk_index, pending))
+        self._chunks.put((chunk_index, pending))
 
     def drain(self) -> None:
         """Blocks until every queued chunk is durable in the store."""
-        self._queue.join()
+        self._chunks.join()
+        self._batches.join()
         self._raise()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        self._chunks.put(None)
+        for thread in self._threads:
+            thread.join()
         self._raise()
 
 
@@ -285,6 +342,12 @@ class _Progress:
     def close(self) -> None:
         if self._enabled:
             self._bar.stop()
+
+
+def _nbytes(batch: EpisodeBatch) -> int:
+    """Bytes of a batch's step and observation arrays."""
+    arrays = (batch.observations, batch.actions, batch.rewards, batch.discounts, batch.extras)
+    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(arrays))
 
 
 def _transitions(headers: Sequence[EpisodeHeader]) -> int:
@@ -435,7 +498,7 @@ def record(
                 rows_in = _empty_rows(rec, num_envs, length)
             else:
                 written_index, rows_in = spares.pop(0)
-                out.wait_written(written_index)
+                out.wait_released(written_index)
             if length not in compiled:
                 t0 = time.perf_counter()
                 fn = _make_chunk(rec, policy, num_envs, length)

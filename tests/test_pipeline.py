@@ -98,8 +98,8 @@ def reference_episodes(
 def test_record_equals_reference_loop_on_fake_env(
     tmp_path: Path, capacity: int, overlap: str, monkeypatch: pytest.MonkeyPatch
 ):
-    if overlap == "one after the other":  # the writer's path for big batches
-        monkeypatch.setattr(pipeline, "_OVERLAP_BYTES", 0)
+    if overlap == "one after the other":
+        monkeypatch.setattr(pipeline, "_OVERLAP", False)
     env = FakeEnv(time_limit=9)
     store = tj.FileStorage(tmp_path / "store")
     result = tj.record(
@@ -178,7 +178,7 @@ def test_a_failing_store_stops_the_job_with_its_error(
     tmp_path: Path, fail_at: int, overlap: str, monkeypatch: pytest.MonkeyPatch
 ):
     if overlap == "one after the other":
-        monkeypatch.setattr(pipeline, "_OVERLAP_BYTES", 0)
+        monkeypatch.setattr(pipeline, "_OVERLAP", False)
     store = _FailingStore(tmp_path / "store", fail_at)
     with pytest.raises(OSError, match="No space left"):
         tj.record(

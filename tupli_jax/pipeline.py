@@ -43,7 +43,6 @@ import numpy as np
 from jumanji import specs
 from jumanji.env import Environment
 
-from tupli_jax.episode import EpisodeBatch
 from tupli_jax.flush import store_batch
 from tupli_jax.recorder import RecorderState, RecordingWrapper
 from tupli_jax.schema import EpisodeHeader
@@ -167,8 +166,9 @@ def _empty_rows(rec: RecordingWrapper, num_envs: int, length: int) -> Any:
     return rec.buffer_spec.step_codec.empty(length, num_envs)
 
 
-_OVERLAP_BYTES = 64 << 20
-"""The writer cuts the next chunk while it stores one only below this many bytes per batch."""
+_OVERLAP = True
+"""The writer cuts chunk k + 1 while it stores chunk k (False: one after the other, for
+``benchmarks_perf/bench_writer.py`` and the tests)."""
 
 
 class _Writer:
@@ -176,15 +176,13 @@ class _Writer:
     stores chunk k (each a queue of one chunk).
 
     Cutting (numpy gathers) and storing (Arrow, SQLite, fsync) release the GIL for most of
-    their time, so on a host with a free core for each the writer moves ~1.35x the transitions
-    per second of one thread doing both (CartPole-like, 7.5 MB per chunk, 2 cores, no device
-    work: ``benchmarks_perf/RESULTS.md``). For batches of ``_OVERLAP_BYTES`` or more it does
-    one after the other: two memory-bound stages at once were 1.45x slower for Snake's 0.78 GB
-    chunks, and it holds one batch less in memory. The cut thread makes each chunk's carry
-    current as soon as it is cut; the store thread stores the batches in chunk order. If either
-    fails, the job stops (the next ``put``, ``wait_released`` or ``drain`` raises) and the
-    recorder is not used again: resuming goes through a checkpoint, saved only after
-    ``drain``.
+    their time, so on a host with a free core for each the writer moves 1.2-1.4x the
+    transitions per second of cutting and storing one after the other (CartPole-like,
+    Game2048, Snake; 2 cores, no device work: ``benchmarks_perf/bench_writer.py``). It holds
+    one cut batch more in memory. The cut thread makes each chunk's carry current as soon as it
+    is cut; the store thread stores the batches in chunk order. If either fails, the job stops
+    (the next ``put``, ``wait_released`` or ``drain`` raises) and the recorder is not used
+    again: resuming goes through a checkpoint, saved only after ``drain``.
     """
 
     def __init__(
@@ -200,6 +198,7 @@ class _Writer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._released = -1  # the last chunk index whose rows the cut thread let go of
+        self._overlap = _OVERLAP
         self._threads = [
             threading.Thread(target=self._cut_loop, name="tupli-jax-cut", daemon=True),
             threading.Thread(target=self._store_loop, name="tupli-jax-store", daemon=True),
@@ -233,10 +232,9 @@ class _Writer:
                     self._released = chunk_index
                     self._changed.notify_all()
                 if batch is not None:
-                    big = _nbytes(batch) >= _OVERLAP_BYTES
                     self._batches.put((chunk_index, batch))
                     del batch
-                    if big:  # stored before the next cut
+                    if not self._overlap:  # stored before the next cut
                         self._batches.join()
             except BaseException as e:  # reported to the main thread on the next call
                 self._fail(e)
@@ -342,12 +340,6 @@ class _Progress:
     def close(self) -> None:
         if self._enabled:
             self._bar.stop()
-
-
-def _nbytes(batch: EpisodeBatch) -> int:
-    """Bytes of a batch's step and observation arrays."""
-    arrays = (batch.observations, batch.actions, batch.rewards, batch.discounts, batch.extras)
-    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(arrays))
 
 
 def _transitions(headers: Sequence[EpisodeHeader]) -> int:

@@ -1041,3 +1041,43 @@ def test_two_processes_storing_the_same_hashes_yield_one_benchmark_each(tmp_path
     _run_writers([["benchmarks", str(root), "25"] for _ in range(3)])
     benchmarks = FileStorage(root).list_benchmarks()
     assert sorted(b.hash for b in benchmarks) == sorted(f"h{i}" for i in range(25))
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_no_gc_is_counted_across_threads(enabled_before: bool):
+    """Overlapping no_gc blocks in two threads (tj.record's cut and store): the GC stays off
+    until the last one exits, then is as it was before the first."""
+    import gc
+    import threading
+
+    from tupli_jax.storage._files import no_gc
+
+    first_in, first_out, second_done = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def first() -> None:
+        with no_gc():
+            first_in.set()
+            first_out.wait(10)
+
+    def second() -> None:
+        first_in.wait(10)
+        with no_gc():
+            first_out.set()  # the first block exits while this one runs
+            thread_a.join(10)
+            seen.append(gc.isenabled())
+        second_done.set()
+
+    was = gc.isenabled()
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        thread_a = threading.Thread(target=first)
+        thread_b = threading.Thread(target=second)
+        thread_a.start()
+        thread_b.start()
+        thread_b.join(10)
+        assert second_done.is_set()
+        assert seen == [False]
+        assert gc.isenabled() is enabled_before
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +92,16 @@ def reference_episodes(
     return sorted(episodes), unfinished
 
 
-@pytest.mark.parametrize("overlap", ["cut while storing", "one after the other"])
-@pytest.mark.parametrize("capacity", [16, 7])
-def test_record_equals_reference_loop_on_fake_env(
-    tmp_path: Path, capacity: int, overlap: str, monkeypatch: pytest.MonkeyPatch
-):
-    if overlap == "one after the other":
+@pytest.fixture(params=["cut while storing", "one after the other"])
+def writer_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of tj.record's writer: cutting chunk k + 1 while storing chunk k, or not."""
+    if request.param == "one after the other":
         monkeypatch.setattr(pipeline, "_OVERLAP", False)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("capacity", [16, 7])
+def test_record_equals_reference_loop_on_fake_env(tmp_path: Path, capacity: int, writer_mode: str):
     env = FakeEnv(time_limit=9)
     store = tj.FileStorage(tmp_path / "store")
     result = tj.record(
@@ -172,13 +174,10 @@ class _FailingStore(tj.FileStorage):
         return headers
 
 
-@pytest.mark.parametrize("overlap", ["cut while storing", "one after the other"])
 @pytest.mark.parametrize("fail_at", [1, 3])
 def test_a_failing_store_stops_the_job_with_its_error(
-    tmp_path: Path, fail_at: int, overlap: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fail_at: int, writer_mode: str
 ):
-    if overlap == "one after the other":
-        monkeypatch.setattr(pipeline, "_OVERLAP", False)
     store = _FailingStore(tmp_path / "store", fail_at)
     with pytest.raises(OSError, match="No space left"):
         tj.record(
@@ -187,11 +186,37 @@ def test_a_failing_store_stops_the_job_with_its_error(
         )  # fmt: skip
     assert store.calls == fail_at  # no batch after the failed one was attempted
     (bench,) = store.list_benchmarks()
-    expected, _ = reference_episodes(FakeEnv(time_limit=5), 3, 40, 3)
+    # Exactly the episodes complete within the chunks (4 steps each) stored before the failure.
+    expected, _ = reference_episodes(FakeEnv(time_limit=5), 3, 4 * (fail_at - 1), 3)
     stored = stored_episodes(store, bench.id)
+    assert stored == expected
     assert len(stored) == store.stored
-    assert not Counter(stored) - Counter(expected)  # whole episodes of the run, none twice
     assert store.verify() == []
+
+
+def test_a_failing_cut_stops_the_job_with_its_error(
+    tmp_path: Path, writer_mode: str, monkeypatch: pytest.MonkeyPatch
+):
+    calls = []
+    cut = tj.RecordingWrapper._cut
+
+    def failing_cut(self: Any, pending: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("cut failed")
+        return cut(self, pending)
+
+    monkeypatch.setattr(tj.RecordingWrapper, "_cut", failing_cut)
+    store = tj.FileStorage(tmp_path / "store")
+    with pytest.raises(MemoryError, match="cut failed"):
+        tj.record(
+            FakeEnv(time_limit=5), storage=store, num_envs=3, num_steps=40, seed=3, capacity=4,
+            progress=False,
+        )  # fmt: skip
+    assert len(calls) == 3  # nothing cut after the failure
+    (bench,) = store.list_benchmarks()
+    expected, _ = reference_episodes(FakeEnv(time_limit=5), 3, 8, 3)  # the 2 chunks cut
+    assert stored_episodes(store, bench.id) == expected
 
 
 def test_bad_arguments_raise(tmp_path: Path):

@@ -179,10 +179,11 @@ class _Writer:
     their time, so on a host with a free core for each the writer moves 1.2-1.4x the
     transitions per second of cutting and storing one after the other (CartPole-like,
     Game2048, Snake; 2 cores, no device work: ``benchmarks_perf/bench_writer.py``). It holds
-    one cut batch more in memory. The cut thread makes each chunk's carry current as soon as it
-    is cut; the store thread stores the batches in chunk order. If either fails, the job stops
-    (the next ``put``, ``wait_released`` or ``drain`` raises) and the recorder is not used
-    again: resuming goes through a checkpoint, saved only after ``drain``.
+    at most two cut batches in memory (one being stored, the next one cut). The cut thread
+    makes each chunk's carry current as soon as it is cut; the store thread stores the batches
+    in chunk order. If either fails, the job stops (the next ``put``, ``wait_released`` or
+    ``drain`` raises) and the recorder is not used again: resuming goes through a checkpoint,
+    saved only after ``drain``.
     """
 
     def __init__(
@@ -213,36 +214,49 @@ class _Writer:
             self._changed.notify_all()
 
     def _cut_loop(self) -> None:
-        while True:
-            item = self._chunks.get()
-            try:
-                if item is None:
-                    self._batches.put(None)
-                    return
-                chunk_index, pending = item
-                item = None
-                batch = None
-                if self._error is None:
-                    batch, commit = self._rec._cut(pending)
-                    commit()
-                # Drop every host view of the chunk's rows before saying so: their device
-                # buffers are donated to a later chunk, which copies them if a view lives.
-                del pending
-                with self._changed:
-                    self._released = chunk_index
-                    self._changed.notify_all()
-                if batch is not None:
-                    self._batches.put((chunk_index, batch))
-                    del batch
-                    if not self._overlap:  # stored before the next cut
-                        self._batches.join()
-            except BaseException as e:  # reported to the main thread on the next call
-                self._fail(e)
-            finally:
-                self._chunks.task_done()
+        try:
+            while self._cut_next():
+                pass
+        except BaseException as e:  # not from a chunk's work (that is caught in _cut_next)
+            self._fail(e)
+        finally:
+            self._batches.put(None)  # the store thread always ends after the cut thread
+
+    def _cut_next(self) -> bool:
+        """Cuts the next queued chunk; False at the end of the queue."""
+        item = self._chunks.get()
+        try:
+            if item is None:
+                return False
+            chunk_index, pending = item
+            item = None
+            batch = None
+            if self._error is None:
+                batch, commit = self._rec._cut(pending)
+                commit()
+            # Drop every host view of the chunk's rows before saying so: their device
+            # buffers are donated to a later chunk, which copies them if a view lives.
+            del pending
+            with self._changed:
+                self._released = chunk_index
+                self._changed.notify_all()
+            if batch is not None:
+                self._batches.join()  # at most two batches: the one being stored and this one
+                self._batches.put((chunk_index, batch))
+                del batch
+                if not self._overlap:  # stored before the next cut
+                    self._batches.join()
+        except BaseException as e:  # reported to the main thread on the next call
+            self._fail(e)
+        finally:
+            self._chunks.task_done()
+        return True
 
     def _store_loop(self) -> None:
+        # Stores every batch cut before a failure (the cut thread cuts nothing after one), and
+        # nothing after a failure of its own: the store holds a prefix of the job's chunks.
         storage = self._rec.storage
+        failed = False
         while True:
             item = self._batches.get()
             try:
@@ -250,7 +264,7 @@ class _Writer:
                     return
                 chunk_index, batch = item
                 item = None
-                if self._error is None:
+                if not failed:
                     batch_id = f"{self._run_id}:{chunk_index}"
                     headers = store_batch(cast(TupliStorage, storage), batch, batch_id)
                     with self._lock:
@@ -258,6 +272,7 @@ class _Writer:
                         self.transitions += _transitions(headers)
                 del batch
             except BaseException as e:
+                failed = True
                 self._fail(e)
             finally:
                 self._batches.task_done()
@@ -284,7 +299,13 @@ class _Writer:
         self._raise()
 
     def close(self) -> None:
-        self._chunks.put(None)
+        cut_thread = self._threads[0]
+        while cut_thread.is_alive():  # a dead cut thread takes nothing from the queue
+            try:
+                self._chunks.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
         for thread in self._threads:
             thread.join()
         self._raise()
@@ -529,10 +550,12 @@ def record(
             _log_episodes(writer, *logged, num_envs)
         out.drain()
     finally:
-        out.close()
-        bar.close()
-        if checkpointer is not None:
-            checkpointer.close()
+        try:
+            out.close()
+        finally:
+            bar.close()
+            if checkpointer is not None:
+                checkpointer.close()
 
     return RecordResult(
         benchmark_id=benchmark_id,

@@ -52,6 +52,7 @@ __all__ = [
     "make_env",
     "make_rollout",
     "prepare",
+    "record_job",
     "record_once",
     "time_run",
 ]
@@ -277,6 +278,20 @@ def _size(root: Path) -> tuple[int, int]:
     return shards, sum(p.stat().st_size for p in files)
 
 
+def record_job(env: Any, storage: Any, num_envs: int, steps: int, capacity: int) -> tj.RecordResult:
+    """The benchmarks' ``tj.record`` job: seed 0, benchmark ``"bench"``, no progress bar."""
+    return tj.record(
+        env,
+        storage=storage,
+        num_envs=num_envs,
+        num_steps=steps,
+        capacity=capacity,
+        seed=0,
+        name="bench",
+        progress=False,
+    )
+
+
 def record_once(env: Any, num_envs: int, steps: int, capacity: int) -> dict[str, Any]:
     """One ``tj.record`` job into a new store; its figures (the store is deleted after).
 
@@ -289,16 +304,7 @@ def record_once(env: Any, num_envs: int, steps: int, capacity: int) -> dict[str,
     try:
         storage = tj.FileStorage(root)
         start = time.perf_counter()
-        result = tj.record(
-            env,
-            storage=storage,
-            num_envs=num_envs,
-            num_steps=steps,
-            capacity=capacity,
-            seed=0,
-            name="bench",
-            progress=False,
-        )
+        result = record_job(env, storage, num_envs, steps, capacity)
         wall = time.perf_counter() - start
         shards, _ = _size(root)
         start = time.perf_counter()

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 import tupli_jax as tj
-from benchmarks_perf._envs import make_env
+from benchmarks_perf._envs import make_env, record_job
 from tupli_jax import pipeline
 
 
@@ -55,16 +55,7 @@ def capture(env: Any, num_envs: int, steps: int, capacity: int, root: Path) -> t
 
     pipeline._Writer = Capturing  # type: ignore[misc]
     try:
-        tj.record(
-            env,
-            storage=tj.FileStorage(root),
-            num_envs=num_envs,
-            num_steps=steps,
-            capacity=capacity,
-            seed=0,
-            name="bench",
-            progress=False,
-        )
+        record_job(env, tj.FileStorage(root), num_envs, steps, capacity)
     finally:
         pipeline._Writer = writer  # type: ignore[misc]
     return recorders[0], chunks

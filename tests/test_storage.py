@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -37,6 +38,7 @@ from tupli_jax.schema import (
     to_builtin,
 )
 from tupli_jax.storage import FileStorage, TupliStorage, TupliStorageError
+from tupli_jax.storage._files import no_gc
 from tupli_jax.storage.shards import open_shard
 
 WRITER = Path(__file__).with_name("_storage_writer.py")
@@ -1047,11 +1049,6 @@ def test_two_processes_storing_the_same_hashes_yield_one_benchmark_each(tmp_path
 def test_no_gc_is_counted_across_threads(enabled_before: bool):
     """Overlapping no_gc blocks in two threads (tj.record's cut and store): the GC stays off
     until the last one exits, then is as it was before the first."""
-    import gc
-    import threading
-
-    from tupli_jax.storage._files import no_gc
-
     first_in, first_out, second_done = threading.Event(), threading.Event(), threading.Event()
     seen: list[bool] = []
 

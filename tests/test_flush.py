@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tupli_jax.flush import HostChunk, OpenEpisode, cut_columns
+from tupli_jax._cut import _MAX_PIECES
+from tupli_jax.flush import Carry, HostChunk, OpenEpisode, _carry_from_state, cut_columns
 from tupli_jax.recorder import RecordingWrapper
 from tupli_jax.testing import FakeEnv
 
@@ -31,8 +32,8 @@ class _Cut:
 
 
 def cut_episodes(
-    chunk: HostChunk, carry: list[OpenEpisode | None]
-) -> tuple[list[_Cut], list[OpenEpisode | None]]:
+    chunk: HostChunk, carry: Carry | list[OpenEpisode | None]
+) -> tuple[list[_Cut], Carry]:
     """``cut_columns``, split per episode along its ``n_tuples`` (T + 1 observation rows)."""
     cut, new_carry = cut_columns(chunk, carry)
     step_at = np.concatenate([[0], np.cumsum(cut.n_tuples)]).tolist()
@@ -184,8 +185,8 @@ def _time_major(chunk: HostChunk) -> HostChunk:
     )
 
 
-def _run_all(chunks: list[HostChunk]) -> tuple[list[Any], list[OpenEpisode | None]]:
-    carry: list[OpenEpisode | None] = []
+def _run_all(chunks: list[HostChunk]) -> tuple[list[Any], Carry]:
+    carry: Carry | list[OpenEpisode | None] = []
     episodes = []
     for chunk in chunks:
         cut, carry = cut_episodes(chunk, carry)
@@ -276,6 +277,72 @@ def test_carry_never_aliases_the_chunk() -> None:
     chunks[0].reset_observations[0][:] = -5
     assert carry[0] is not None
     assert np.all(np.concatenate(carry[0].observations[0]) >= 0)
+
+
+def test_a_long_episode_keeps_few_pieces_and_all_its_rows() -> None:
+    # Two envs, one flush per step: env 0 plays 3-step episodes, env 1 one 40-step episode, so
+    # env 1's rows pile up over 40 flushes while env 0's come and go.
+    total = 45
+    chunks, expected, unfinished = _chunks(
+        2, [[3], [40, 50]], [False], [True] * (total + 1), list(range(1, total)), total
+    )
+    carry: Carry | list[OpenEpisode | None] = []
+    episodes: list[_Cut] = []
+    for chunk in chunks:
+        cut, carry = cut_episodes(chunk, carry)
+        episodes += cut
+        assert isinstance(carry, Carry) and len(carry.pieces) <= _MAX_PIECES
+    assert [(e.env_index, len(e.data[0])) for e in episodes if e.env_index == 1] == [(1, 40)]
+    (long,) = [e for e in episodes if e.env_index == 1]
+    assert long.observations[0][:, 1].tolist() == list(range(41))
+    assert [ep.length if ep else 0 for ep in carry] == unfinished
+    assert len([e for e in episodes if e.env_index == 0]) == len(expected[0])
+
+
+def test_carry_pools_round_trip_and_the_earlier_format_loads() -> None:
+    chunks, _, unfinished = _chunks(3, [[4], [9], [2, 7]], [False], [True] * 7, [2, 4], 6)
+    _, carry = _run_all(chunks)
+    assert isinstance(carry, Carry) and len(carry.pieces) > 1  # pieces from several flushes
+    again = Carry.from_pools(carry.pools())
+    assert len(again.pieces) == 1 and again.length.tolist() == unfinished
+    earlier = {"num_envs": 3}  # the per-environment format of earlier checkpoints
+    for b, ep in enumerate(carry):
+        if ep is not None:
+            earlier[str(b)] = {
+                "start_number": ep.start_number,
+                "next_number": ep.next_number,
+                "observations": [np.concatenate(p) for p in ep.observations],
+                "data": [np.concatenate(p) for p in ep.data],
+            }
+    for restored in (again, _carry_from_state(earlier)):
+        for a, b in zip(carry, restored, strict=True):
+            assert (a is None) == (b is None)
+            if a is None or b is None:
+                continue
+            assert (a.start_number, a.next_number) == (b.start_number, b.next_number)
+            for x, y in zip(a.observations + a.data, b.observations + b.data, strict=True):
+                np.testing.assert_array_equal(np.concatenate(x), np.concatenate(y))
+    # The next chunk cuts the same episodes from either carry.
+    more, _, _ = _chunks(3, [[4], [9], [2, 7]], [False], [True] * 13, [2, 4, 6], 12)
+    for name, restored in (("pools", again), ("earlier", _carry_from_state(earlier))):
+        got, _ = cut_episodes(more[-1], restored)
+        want, _ = cut_episodes(more[-1], carry)
+        assert [(e.env_index, e.start_number) for e in got] == [
+            (e.env_index, e.start_number) for e in want
+        ], name
+        for e, f in zip(got, want, strict=True):
+            np.testing.assert_array_equal(e.observations[1], f.observations[1])
+
+
+def test_a_corrupt_saved_carry_is_refused() -> None:
+    chunks, _, _ = _chunks(2, [[4], [9]], [False], [True] * 4, [2], 3)
+    _, carry = _run_all(chunks)
+    pools = carry.pools()
+    short = dict(pools, observations=[x[:-1] for x in pools["observations"]])
+    with pytest.raises(ValueError, match="rows of a observation leaf"):
+        Carry.from_pools(short)
+    with pytest.raises(ValueError, match="does not fit"):
+        Carry.from_pools(dict(pools, data_len=pools["data_len"][:1]))
 
 
 def test_cut_refuses_more_rows_than_fetched() -> None:
@@ -423,7 +490,7 @@ def test_flush_state_round_trip_continues_identically() -> None:
     state, pending = rec.fetch(state)
     first = rec.collect(pending)
     saved = rec.flush_state()
-    assert any(k != "num_envs" for entry in saved["carries"].values() for k in entry)
+    assert any(np.any(entry["is_open"]) for entry in saved["carries"].values())
 
     later = _rollout(rec, state, 4, seed=8)
     _, pending = rec.fetch(later)
@@ -441,6 +508,26 @@ def test_flush_state_round_trip_continues_identically() -> None:
         ):
             np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(a.actions, b.actions)
+
+
+def test_states_from_two_flushes_take_each_env_from_its_own_carry() -> None:
+    """``_carry_of`` with two live tokens: env b's episode comes from its own token's carry;
+    an unknown token is refused."""
+    chunks, _, _ = _chunks(3, [[9], [9], [9]], [False], [True] * 4, [1], 3)
+    _, first = cut_episodes(chunks[0], [])  # 1 step per env
+    _, second = _run_all(chunks)  # 3 steps per env
+    flusher = _recorder()._flusher
+    flusher._carries = {5: first, 7: second}
+    mixed = flusher._carry_of(np.array([5, 7, 0], np.uint32))
+    assert [ep.length if ep else None for ep in mixed] == [1, 3, None]
+    for b, source in ((0, first), (1, second)):
+        got, want = mixed[b], source[b]
+        assert got is not None and want is not None
+        np.testing.assert_array_equal(
+            np.concatenate(got.observations[0]), np.concatenate(want.observations[0])
+        )
+    with pytest.raises(ValueError, match="flush token is unknown"):
+        flusher._carry_of(np.array([5, 6, 0], np.uint32))
 
 
 def test_failed_write_commits_nothing_and_can_be_retried(tmp_path: Path) -> None:

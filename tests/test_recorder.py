@@ -27,6 +27,19 @@ ENV = FakeEnv(time_limit=12, min_target=3, max_target=20)
 _JIT: dict[str, Any] = {}
 
 
+def _carried_steps(rec: RecordingWrapper) -> list[int]:
+    """Steps of each env's unfinished episode in the recorder's (only) carry; checks that the
+    saved pools hold exactly those rows (plus one reset observation per open episode)."""
+    (entry,) = rec.flush_state()["carries"].values()
+    steps = np.asarray(entry["data_len"]).tolist()
+    open_envs = int(np.sum(entry["is_open"]))
+    for leaf in entry["data"]:
+        assert (0 if leaf is None else len(leaf)) == sum(steps)
+    for leaf in entry["observations"]:
+        assert len(leaf) == sum(steps) + open_envs
+    return steps
+
+
 def _env_fns(env: Any) -> tuple[Any, Any]:
     key = f"{id(env)}"
     if key not in _JIT:
@@ -154,11 +167,7 @@ def test_stored_episodes_equal_the_reference_loop(tmp_path: Path, mode: str) -> 
     stored = _stored(store)
     _assert_same_episodes(stored, expected)
     if mode != "recording_gap":
-        carried = rec.flush_state()["carries"]
-        (entry,) = carried.values()
-        carried_steps = [
-            len(entry[str(b)]["data"][0]) if str(b) in entry else 0 for b in range(num_envs)
-        ]
+        carried_steps = _carried_steps(rec)
         assert carried_steps == unfinished
         assert sum(e.length for e in stored) + sum(carried_steps) == steps * num_envs
 
@@ -198,8 +207,7 @@ def test_time_major_step_rows_equal_the_reference_loop(tmp_path: Path) -> None:
     expected, unfinished = _reference(ENV, keys, actions, [True] * steps)
     stored = _stored(store)
     _assert_same_episodes(stored, expected)
-    (entry,) = rec.flush_state()["carries"].values()
-    carried = [len(entry[str(b)]["data"][0]) if str(b) in entry else 0 for b in range(num_envs)]
+    carried = _carried_steps(rec)
     assert carried == unfinished
 
 
@@ -382,8 +390,7 @@ def _check_against_auto_reset(tmp_path: Path, env_id: str) -> None:
         unfinished.append(len(acts))
     stored = _stored(store)
     _assert_same_episodes(stored, expected)
-    (entry,) = rec.flush_state()["carries"].values()
-    carried = [len(entry[str(b)]["data"][0]) if str(b) in entry else 0 for b in range(num_envs)]
+    carried = _carried_steps(rec)
     assert carried == unfinished
     assert sum(h.n_tuples for h in store.list_episodes()) + sum(carried) == steps * num_envs
 

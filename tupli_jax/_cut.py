@@ -4,8 +4,9 @@ The flush (``tupli_jax.flush``) decodes the fetched rows of ``B`` environments i
 :class:`HostChunk`; :func:`cut_columns` finds the complete episodes with an integer pass over
 the step numbers and LAST flags (``_spans``) and gathers each leaf once for all of them into
 packed columns (``_Plan``: runs of big rows are copied one memcpy each, small rows by one
-fancy-index gather). Unfinished episodes become the new carry (:class:`OpenEpisode`), gathered
-into one pool per leaf per flush, never aliasing the chunk.
+fancy-index gather). Unfinished episodes become the new :class:`Carry`: the rows each flush
+adds to them are gathered into one new pool per leaf (never aliasing the chunk), and no Python
+object is made per environment or episode.
 
 Exactly once: every step row carries the stream's step ``number`` and every reset row the
 ``number`` of its episode's first step. An episode is emitted only when its reset row and all
@@ -27,7 +28,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,10 +37,10 @@ from tupli_jax._rows import ranges, take_rows
 
 __all__ = [
     "MOD",
+    "Carry",
     "CutColumns",
     "HostChunk",
     "OpenEpisode",
-    "concat",
     "cut_columns",
 ]
 
@@ -67,6 +69,267 @@ class OpenEpisode:
     def length(self) -> int:
         """Steps seen so far."""
         return sum(len(p) for p in self.data[0]) if self.data else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """Carried rows gathered at one flush: one pool per leaf (``None`` for a leaf without rows)
+    and, per environment, where its rows lie in them (length 0: none)."""
+
+    observations: list[np.ndarray | None]
+    data: list[np.ndarray | None]
+    obs_start: np.ndarray  # [B] int64
+    obs_len: np.ndarray  # [B] int64
+    data_start: np.ndarray  # [B] int64
+    data_len: np.ndarray  # [B] int64
+
+    def keep(self, envs: np.ndarray) -> _Piece | None:
+        """The piece with the rows of environments outside ``envs`` ([B] bool) dropped, or
+        ``None`` if none are left."""
+        obs_len = np.where(envs, self.obs_len, 0)
+        data_len = np.where(envs, self.data_len, 0)
+        if not (obs_len.any() or data_len.any()):
+            return None
+        return dataclasses.replace(self, obs_len=obs_len, data_len=data_len)
+
+    def resized(self, num_envs: int) -> _Piece:
+        """The piece for ``num_envs`` environments (the ones past the end have no rows)."""
+        n = min(num_envs, len(self.obs_len))
+
+        def fit(x: np.ndarray) -> np.ndarray:
+            out = np.zeros(num_envs, np.int64)
+            out[:n] = x[:n]
+            return out
+
+        return dataclasses.replace(
+            self,
+            obs_start=fit(self.obs_start),
+            obs_len=fit(self.obs_len),
+            data_start=fit(self.data_start),
+            data_len=fit(self.data_len),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Carry:
+    """The unfinished episodes of ``B`` environments between flushes, as pooled arrays.
+
+    Environment ``b``'s episode (where ``is_open[b]``) is its rows in each piece, in piece
+    order; its first observation row is the reset observation. Each flush adds at most one
+    piece (the rows of that flush's unfinished episodes, gathered once for all environments)
+    and drops the rows of the episodes it completed, so carrying costs no Python work per
+    environment; beyond ``_MAX_PIECES`` pieces the live rows are joined into one.
+
+    Attributes:
+        is_open: ``[B]`` bool, the environment has an unfinished episode.
+        start_number: ``[B]`` int64 step number of its first step.
+        next_number: ``[B]`` int64 step number its next step must have (mod 2**32).
+        pieces: The pieces holding the rows.
+
+    Example:
+        >>> carry = Carry.from_episodes([None, OpenEpisode(7, 9, [[np.zeros((3, 2))]],
+        ...                                                   [[np.ones(2)]])])
+        >>> len(carry), carry[0], carry[1].length, carry.length.tolist()
+        (2, None, 2, [0, 2])
+    """
+
+    is_open: np.ndarray
+    start_number: np.ndarray
+    next_number: np.ndarray
+    pieces: tuple[_Piece, ...]
+
+    @classmethod
+    def empty(cls, num_envs: int = 0) -> Carry:
+        """No unfinished episode in ``num_envs`` environments."""
+        zeros = np.zeros(num_envs, np.int64)
+        return cls(np.zeros(num_envs, bool), zeros, zeros, ())
+
+    @classmethod
+    def from_episodes(cls, episodes: Sequence[OpenEpisode | None]) -> Carry:
+        """The carry of one :class:`OpenEpisode` (or ``None``) per environment."""
+        num_envs = len(episodes)
+        open_eps = [(b, ep) for b, ep in enumerate(episodes) if ep is not None]
+        if not open_eps:
+            return cls.empty(num_envs)
+        is_open = np.zeros(num_envs, bool)
+        start_number = np.zeros(num_envs, np.int64)
+        next_number = np.zeros(num_envs, np.int64)
+        obs_len = np.zeros(num_envs, np.int64)
+        data_len = np.zeros(num_envs, np.int64)
+        for b, ep in open_eps:
+            is_open[b] = True
+            start_number[b], next_number[b] = ep.start_number, ep.next_number
+            obs_len[b] = sum(len(p) for p in ep.observations[0])
+            data_len[b] = ep.length
+
+        def pools(field: str) -> list[np.ndarray | None]:
+            num_leaves = len(getattr(open_eps[0][1], field))
+            out: list[np.ndarray | None] = []
+            for j in range(num_leaves):
+                parts = [p for _, ep in open_eps for p in getattr(ep, field)[j]]
+                out.append(np.concatenate(parts, axis=0) if parts else None)
+            return out
+
+        piece = _Piece(
+            pools("observations"),
+            pools("data"),
+            np.cumsum(obs_len) - obs_len,
+            obs_len,
+            np.cumsum(data_len) - data_len,
+            data_len,
+        )
+        return cls(is_open, start_number, next_number, (piece,))
+
+    def pools(self) -> dict[str, Any]:
+        """The carry as plain arrays (e.g. for a checkpoint; :meth:`from_pools` reverses it):
+        ``is_open``, ``start_number``, ``next_number``, ``obs_len`` and ``data_len`` ``[B]``, and
+        per leaf the rows of every open episode back to back in environment order
+        (``observations``, ``data``; ``None`` for a leaf without rows)."""
+        joined = self.joined()
+        zeros = np.zeros(len(self), np.int64)
+        piece = joined.pieces[0] if joined.pieces else None
+        return {
+            "is_open": joined.is_open,
+            "start_number": joined.start_number,
+            "next_number": joined.next_number,
+            "obs_len": piece.obs_len if piece else zeros,
+            "data_len": piece.data_len if piece else zeros,
+            "observations": list(piece.observations) if piece else [],
+            "data": list(piece.data) if piece else [],
+        }
+
+    @classmethod
+    def from_pools(cls, pools: dict[str, Any]) -> Carry:
+        """The carry saved by :meth:`pools`.
+
+        Raises:
+            ValueError: The arrays do not fit together (e.g. a corrupt checkpoint).
+        """
+        is_open = np.asarray(pools["is_open"], bool).reshape(-1)
+        num_envs = len(is_open)
+        fields = {}
+        for name in ("start_number", "next_number", "obs_len", "data_len"):
+            fields[name] = np.asarray(pools[name], np.int64).reshape(-1)
+            if len(fields[name]) != num_envs or (name.endswith("_len") and np.any(
+                (fields[name] < 0) | (~is_open & (fields[name] != 0))
+            )):  # fmt: skip
+                raise ValueError(f"a saved carry's {name} does not fit its {num_envs} environments")
+        obs_len, data_len = fields["obs_len"], fields["data_len"]
+        observations = [None if x is None else np.asarray(x) for x in pools["observations"]]
+        data = [None if x is None else np.asarray(x) for x in pools["data"]]
+        for name, leaves, total in (("observation", observations, obs_len.sum()),
+                                    ("data", data, data_len.sum())):  # fmt: skip
+            for x in leaves:
+                if (0 if x is None else len(x)) != total:
+                    raise ValueError(
+                        f"a saved carry has {0 if x is None else len(x)} rows of a {name} leaf "
+                        f"for {total} rows of open episodes"
+                    )
+        if not is_open.any():
+            return cls(is_open, fields["start_number"], fields["next_number"], ())
+        piece = _Piece(
+            observations,
+            data,
+            np.cumsum(obs_len) - obs_len,
+            obs_len,
+            np.cumsum(data_len) - data_len,
+            data_len,
+        )
+        return cls(is_open, fields["start_number"], fields["next_number"], (piece,))
+
+    def __len__(self) -> int:
+        return len(self.is_open)
+
+    def __getitem__(self, b: int) -> OpenEpisode | None:
+        """Environment ``b``'s unfinished episode (views of the pools), or ``None``."""
+        if not self.is_open[b]:
+            return None
+
+        def rows(
+            pool: np.ndarray | None, start: np.ndarray, length: np.ndarray
+        ) -> list[np.ndarray]:
+            s, n = int(start[b]), int(length[b])
+            return [] if pool is None or n == 0 else [pool[s : s + n]]
+
+        first = self.pieces[0]
+        return OpenEpisode(
+            int(self.start_number[b]),
+            int(self.next_number[b]),
+            [
+                [x for p in self.pieces for x in rows(p.observations[j], p.obs_start, p.obs_len)]
+                for j in range(len(first.observations))
+            ],
+            [
+                [x for p in self.pieces for x in rows(p.data[j], p.data_start, p.data_len)]
+                for j in range(len(first.data))
+            ],
+        )
+
+    def __iter__(self) -> Iterator[OpenEpisode | None]:
+        return (self[b] for b in range(len(self)))
+
+    @property
+    def length(self) -> np.ndarray:
+        """``[B]`` int64 steps seen so far per environment (0 where none is open)."""
+        total = np.zeros(len(self), np.int64)
+        for piece in self.pieces:
+            total += piece.data_len
+        return total
+
+    def resized(self, num_envs: int) -> Carry:
+        """The carry of the first ``num_envs`` environments (the ones added have none)."""
+        if num_envs == len(self):
+            return self
+        n = min(num_envs, len(self))
+
+        def fit(x: np.ndarray) -> np.ndarray:
+            out = np.zeros(num_envs, x.dtype)
+            out[:n] = x[:n]
+            return out
+
+        return Carry(
+            fit(self.is_open),
+            fit(self.start_number),
+            fit(self.next_number),
+            tuple(p.resized(num_envs) for p in self.pieces),
+        )
+
+    def joined(self) -> Carry:
+        """The same episodes in at most one piece holding only their rows (a copy)."""
+        if not self.pieces:
+            return self
+        envs = np.nonzero(self.is_open)[0]
+        zero = np.zeros(len(envs), np.int64)
+
+        def join(field: str, start: str, length: str) -> tuple[list[np.ndarray | None], np.ndarray]:
+            parts = [(zero, zero)] + [
+                (getattr(p, start)[envs], getattr(p, length)[envs]) for p in self.pieces
+            ]
+            plan = _Plan.episodes(parts, envs, zero, zero)
+            out: list[np.ndarray | None] = []
+            for j in range(len(getattr(self.pieces[0], field))):
+                pools = [getattr(p, field)[j] for p in self.pieces]
+                like = next((x for x in pools if x is not None), None)
+                out.append(
+                    None if like is None or plan.rows == 0
+                    else plan.gather([None, None, *pools], like.dtype, like.shape[1:])
+                )  # fmt: skip
+            lengths = np.zeros(len(self), np.int64)
+            for p in self.pieces:
+                lengths += getattr(p, length)
+            return out, lengths
+
+        observations, obs_len = join("observations", "obs_start", "obs_len")
+        data, data_len = join("data", "data_start", "data_len")
+        piece = _Piece(
+            observations,
+            data,
+            np.cumsum(obs_len) - obs_len,
+            obs_len,
+            np.cumsum(data_len) - data_len,
+            data_len,
+        )
+        return dataclasses.replace(self, pieces=(piece,))
 
 
 @dataclasses.dataclass
@@ -124,37 +387,30 @@ class HostChunk:
     fresh: np.ndarray
 
 
-def concat(pieces: list[np.ndarray]) -> np.ndarray:
-    """The pieces of a carried leaf as one array (no copy for a single piece)."""
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-
-
-@dataclasses.dataclass
-class _Span:
-    """An episode (complete, or the unfinished tail of an env) found by the index pass; its
-    arrays are gathered afterwards."""
-
-    env: int
-    start: int  # first step row
-    stop: int  # one past its last row in this chunk
-    reset_row: int  # its reset row in this chunk, or -1 when it continues a carried episode
-    base: OpenEpisode | None  # the carried part, when reset_row == -1
-    start_number: int
-    next_number: int = 0  # tails only: the number its next step must have
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Complete:
     """The complete episodes found by the index pass, as arrays in environment then time order
-    (``reset_row`` is -1 for an episode that continues a carried one; ``carried`` holds those
-    carried parts, in the same order)."""
+    (``reset_row`` is -1 for an episode that continues its environment's carried one)."""
 
     env: np.ndarray
     start: np.ndarray
     stop: np.ndarray
     reset_row: np.ndarray
     start_number: np.ndarray
-    carried: list[OpenEpisode]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tails:
+    """Per environment ``[B]``, its unfinished episode after the flush: ``is_open``; its step
+    rows ``[start, stop)`` in this chunk; ``reset_row``, its reset row in this chunk, or -1 when
+    it continues the carried episode (whose rows it keeps); its first and next step numbers."""
+
+    is_open: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    reset_row: np.ndarray
+    start_number: np.ndarray
+    next_number: np.ndarray
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -168,12 +424,9 @@ def _lookup(keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> np.nda
     return np.where(hit, values[order][np.maximum(pos, 0)], -1)
 
 
-def _spans(
-    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[_Complete, list[_Span | OpenEpisode | None]]:
+def _spans(chunk: HostChunk, carry: Carry) -> tuple[_Complete, _Tails]:
     """Index pass (integer work, vectorised over environments): the complete episodes, and per
-    env what to carry: a tail span to gather, a carried episode passed on unchanged (no steps
-    this flush), or None.
+    env its unfinished episode after this chunk. ``carry`` has ``B`` environments.
 
     Each env's valid step rows split into segments ending at its LAST rows, plus an unfinished
     tail after the last one. A segment is a complete episode when its first step either
@@ -212,11 +465,8 @@ def _spans(
     seg_start[first_of_env] = 0
     first = numbers[seg_env, seg_start]
 
-    kept = [
-        None if b >= len(carry) or chunk.fresh[b] else carry[b] for b in range(num_envs)
-    ]  # fmt: skip
-    kept_next = np.array([-1 if k is None else k.next_number for k in kept], np.int64)
-    kept_start = np.array([0 if k is None else k.start_number for k in kept], np.int64)
+    kept = carry.is_open & ~np.asarray(chunk.fresh, bool)
+    kept_next = np.where(kept, carry.next_number, -1)
     continues = first_of_env & (kept_next[seg_env] == first)
     reset_env, reset_j = np.nonzero(
         np.arange(chunk.reset_number.shape[1])[None, :] < resets[:, None]
@@ -226,44 +476,43 @@ def _spans(
     complete = (continues | (row >= 0)) & (
         gap_count[seg_env, seg_end] == gap_count[seg_env, seg_start]
     )
-    number = np.where(continues, kept_start[seg_env], first)
+    number = np.where(continues, carry.start_number[seg_env], first)
     is_tail = last_of_env & has_tail[seg_env]
     emit = complete & ~is_tail
     found = _Complete(
-        seg_env[emit].astype(np.int64),
-        seg_start[emit],
-        seg_end[emit] + 1,
-        row[emit],
-        number[emit],
-        [kept[b] for b in seg_env[emit & continues].tolist()],
+        seg_env[emit].astype(np.int64), seg_start[emit], seg_end[emit] + 1, row[emit], number[emit]
     )
 
-    tails: list[_Span | OpenEpisode | None] = [
-        kept[b] if t == 0 else None for b, t in enumerate(steps.tolist())
-    ]
-    for i in np.nonzero(is_tail & complete)[0].tolist():
-        b = int(seg_env[i])
-        tails[b] = _Span(
-            b,
-            int(seg_start[i]),
-            int(seg_end[i]) + 1,
-            int(row[i]),
-            kept[b] if continues[i] else None,
-            int(number[i]),
-            (int(numbers[b, seg_end[i]]) + 1) % MOD,
-        )
-    end_number = chunk.end_number.astype(np.int64)
-    # The episode that starts after the last LAST row (or the stream's first one): a reset row
+    # The unfinished episodes: a carried one without steps this flush passes on unchanged ...
+    idle = kept & (steps == 0)
+    tails = _Tails(
+        is_open=idle.copy(),
+        start=np.zeros(num_envs, np.int64),
+        stop=np.zeros(num_envs, np.int64),
+        reset_row=np.full(num_envs, -1, np.int64),
+        start_number=np.where(idle, carry.start_number, 0),
+        next_number=np.where(idle, carry.next_number, 0),
+    )
+    # ... a tail segment ends the env's rows ...
+    i = np.nonzero(is_tail & complete)[0]
+    b = seg_env[i]
+    tails.is_open[b] = True
+    tails.start[b] = seg_start[i]
+    tails.stop[b] = seg_end[i] + 1
+    tails.reset_row[b] = row[i]
+    tails.start_number[b] = number[i]
+    tails.next_number[b] = (numbers[b, seg_end[i]] + 1) % MOD
+    # ... or an episode starts after the last LAST row (or the stream's first one): a reset row
     # for the next step's number, no step yet.
-    end_row = _lookup(reset_key, reset_j, envs * MOD + end_number).tolist()
-    end, t_of = end_number.tolist(), steps.tolist()
-    for b in range(num_envs):
-        tail = tails[b]
-        if tail is None and end_row[b] >= 0:
-            tail = _Span(b, t_of[b], t_of[b], end_row[b], None, end[b], end[b])
-        if tail is not None and tail.next_number != end[b]:
-            tail = None  # steps were taken unrecorded since: the episode can't be complete
-        tails[b] = tail
+    end_number = chunk.end_number.astype(np.int64)
+    end_row = _lookup(reset_key, reset_j, envs * MOD + end_number)
+    b = np.nonzero(~tails.is_open & (end_row >= 0))[0]
+    tails.is_open[b] = True
+    tails.start[b] = tails.stop[b] = steps[b]
+    tails.reset_row[b] = end_row[b]
+    tails.start_number[b] = tails.next_number[b] = end_number[b]
+    # Steps taken unrecorded since: the episode can't be complete.
+    tails.is_open[tails.next_number != end_number] = False
     return found, tails
 
 
@@ -273,21 +522,21 @@ _Segments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Where each row of a packed column comes from: per source (0 = step rows ``[B, S]``,
-    1 = reset rows ``[B, R]``, 2 = a pool of carried rows ``[P]``), contiguous segments
+    1 = reset rows ``[B, R]``, 2 and up = pools of carried rows ``[P]``), contiguous segments
     ``(out_start, env, row_start, length)`` and the same expanded to row indices
     ``(out, env, row)``."""
 
     rows: int
     segments: tuple[_Segments, ...]
     indices: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
-    # (source, rows per env) -> flat row indices ``env * rows_per_env + row`` and their range
-    _flat: dict[tuple[int, int], tuple[np.ndarray, int, int]] = dataclasses.field(
+    # (source, env stride, row stride) -> flat row indices and their range
+    _flat: dict[tuple[int, int, int], tuple[np.ndarray, int, int]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False
     )
 
     @classmethod
     def from_segments(cls, rows: int, segments: Sequence[_Segments]) -> _Plan:
-        """The plan of a column of ``rows`` rows from its three sources' segments."""
+        """The plan of a column of ``rows`` rows from its sources' segments."""
         kept: list[_Segments] = []
         indices = []
         for out_start, env, row_start, length in segments:
@@ -312,36 +561,44 @@ class _Plan:
     @classmethod
     def episodes(
         cls,
-        prefix_source: int,
-        prefix_start: np.ndarray,
-        prefix_len: np.ndarray,
+        parts: Sequence[tuple[np.ndarray, np.ndarray]],
         env: np.ndarray,
         step_start: np.ndarray,
         step_len: np.ndarray,
     ) -> _Plan:
-        """Per episode ``prefix_len`` rows of source ``prefix_source`` from ``prefix_start``
-        (rows of ``env`` for reset rows), then ``step_len`` step rows of ``env``."""
-        per = prefix_len + step_len
+        """Per episode (of environment ``env``): for each source ``k = 1, 2, ...`` in order,
+        ``parts[k - 1] = (start, length)`` rows of it (reset rows of ``env`` for ``k = 1``,
+        pool rows beyond), then ``step_len`` step rows of ``env`` from ``step_start``."""
+        lengths = [length for _, length in parts]
+        per = sum(lengths, step_len)
         first = np.cumsum(per) - per
-        empty = (np.zeros(0, np.int64),) * 4
-        segments: list[_Segments] = [(first + prefix_len, env, step_start, step_len), empty, empty]
-        segments[prefix_source] = (first, env, prefix_start, prefix_len)
+        segments: list[_Segments] = [(first + (per - step_len), env, step_start, step_len)]
+        at = first
+        for start, length in parts:
+            segments.append((at, env, start, length))
+            at = at + length
         return cls.from_segments(int(per.sum()), segments)
 
-    def gather(self, sources: Sequence[np.ndarray | None], like: np.ndarray) -> np.ndarray:
-        """The column from ``sources`` (step ``[B, S, ...]``, reset ``[B, R, ...]``, pool
-        ``[P, ...]``; ``like`` gives the dtype and row shape)."""
-        out = np.empty((self.rows, *like.shape[2:]), like.dtype)
-        row_bytes = like.dtype.itemsize * int(np.prod(like.shape[2:], dtype=np.int64))
+    def gather(
+        self, sources: Sequence[np.ndarray | None], dtype: np.dtype, row_shape: tuple[int, ...]
+    ) -> np.ndarray:
+        """The column (``dtype``, rows of ``row_shape``) from ``sources``: step rows
+        ``[B, S, ...]``, reset rows ``[B, R, ...]``, then pools ``[P, ...]``."""
+        out = np.empty((self.rows, *row_shape), dtype)
+        row_bytes = np.dtype(dtype).itemsize * int(np.prod(row_shape, dtype=np.int64))
         for source, leaf in enumerate(sources):
             if leaf is None or not len(self.indices[source][0]):
                 continue
             out_start, env, row_start, length = self.segments[source]
-            if row_bytes * len(self.indices[source][0]) >= _SEGMENT_COPY_BYTES * len(length):
+            pool = source >= 2
+            contiguous_runs = pool or leaf.strides[0] == leaf.strides[1] * leaf.shape[1]
+            if contiguous_runs and (
+                row_bytes * len(self.indices[source][0]) >= _SEGMENT_COPY_BYTES * len(length)
+            ):
                 # Runs of big rows: one memcpy per run beats a gather through a temporary.
                 for o, e, r, n in zip(out_start.tolist(), env.tolist(), row_start.tolist(),
                                       length.tolist(), strict=True):  # fmt: skip
-                    out[o : o + n] = leaf[r : r + n] if source == 2 else leaf[e, r : r + n]
+                    out[o : o + n] = leaf[r : r + n] if pool else leaf[e, r : r + n]
                 continue
             out_rows = self.indices[source][0]
             self._put(source, leaf, out, slice(None) if len(out_rows) == self.rows else out_rows)
@@ -349,114 +606,143 @@ class _Plan:
 
     def _put(self, source: int, leaf: np.ndarray, out: np.ndarray, dst: slice | np.ndarray) -> None:
         """``out[dst] =`` the rows of ``leaf`` for ``source`` in plan order, with ``take_rows``
-        over flat row indices where ``leaf``'s ``[B, S]`` axes merge without a copy: measured
-        4x (scalar rows) to 20x (rows of 4 values) faster than ``(env, row)`` indexing."""
+        over flat row indices where ``leaf``'s ``[B, S]`` axes merge without a copy (measured
+        4x (scalar rows) to 20x (rows of 4 values) faster than ``(env, row)`` indexing): in
+        ``[B, S]`` memory, or in ``[S, B]`` memory for time-major rows (row ``s * B + b``; 2x
+        faster than making the leaf ``[B, S]`` first and gathering from that)."""
         _, env_rows, rows = self.indices[source]
-        if source != 2 and leaf.strides[0] != leaf.strides[1] * leaf.shape[1]:
-            out[dst] = leaf[env_rows, rows]  # a time-major view: its axes do not merge
+        if source >= 2:
+            merged, key = leaf, (source, 0, 1)
+        elif leaf.strides[0] == leaf.strides[1] * leaf.shape[1]:  # [B, S] memory
+            merged = leaf.reshape(leaf.shape[0] * leaf.shape[1], *leaf.shape[2:])
+            key = (source, leaf.shape[1], 1)
+        elif _swapped_c_contiguous(leaf):  # [S, B] memory
+            merged = leaf.swapaxes(0, 1).reshape(leaf.shape[0] * leaf.shape[1], *leaf.shape[2:])
+            key = (source, 1, leaf.shape[0])
+        else:
+            out[dst] = leaf[env_rows, rows]
             return
-        per_env = 1 if source == 2 else leaf.shape[1]
-        cached = self._flat.get((source, per_env))
-        if cached is None:
-            flat = rows if source == 2 else env_rows * per_env + rows
-            cached = self._flat[(source, per_env)] = (flat, int(flat.min()), int(flat.max()))
+        cached = self._flat.get(key)
+        if cached is None:  # flat row = env * env_stride + row * row_stride
+            _, env_stride, row_stride = key
+            flat = env_rows * env_stride + rows * row_stride
+            cached = self._flat[key] = (flat, int(flat.min()), int(flat.max()))
         flat, low, high = cached
-        merged = leaf if source == 2 else leaf.reshape(len(leaf) * per_env, *leaf.shape[2:])
         if not 0 <= low <= high < len(merged):  # take_rows does not check
             raise IndexError(f"a cut plan reads rows beyond the {len(merged)} rows fetched")
         take_rows(merged, flat, out, dst)
 
 
+def _swapped_c_contiguous(leaf: np.ndarray) -> bool:
+    """Whether ``leaf`` ``[B, S, ...]`` is a view of C-contiguous ``[S, B, ...]`` memory."""
+    return leaf.ndim >= 2 and leaf.swapaxes(0, 1).flags.c_contiguous
+
+
 _SEGMENT_COPY_BYTES = 4096  # mean bytes per run from which runs are copied one by one
-_MAX_PIECES = 4  # a carried episode's pieces are joined beyond this (bounds the pools kept alive)
+_MAX_PIECES = 4  # a carry's live rows are joined into one piece beyond this many pieces
 
 
-def _carried_pool(
-    carried: Sequence[OpenEpisode], field: str, num_leaves: int
-) -> list[np.ndarray | None]:
-    """Per leaf, the pieces of the ``carried`` episodes back to back."""
-    pool: list[np.ndarray | None] = []
-    for j in range(num_leaves):
-        pieces = [p for ep in carried for p in getattr(ep, field)[j]]
-        pool.append(np.concatenate(pieces, axis=0) if pieces else None)
-    return pool
+def _carried_parts(
+    carry: Carry, env: np.ndarray, continues: np.ndarray, field: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per piece of ``carry``, ``(start, length)`` of the rows of ``env`` where ``continues``
+    (length 0 elsewhere), for ``field`` ``"obs"`` or ``"data"``."""
+    parts = []
+    for piece in carry.pieces:
+        start = getattr(piece, f"{field}_start")[env]
+        length = np.where(continues, getattr(piece, f"{field}_len")[env], 0)
+        parts.append((start, length))
+    return parts
 
 
-def _span_arrays(spans: Sequence[_Span]) -> tuple[np.ndarray, ...]:
-    n = len(spans)
-    env = np.fromiter((sp.env for sp in spans), np.int64, count=n)
-    start = np.fromiter((sp.start for sp in spans), np.int64, count=n)
-    stop = np.fromiter((sp.stop for sp in spans), np.int64, count=n)
-    reset_row = np.fromiter((sp.reset_row for sp in spans), np.int64, count=n)
-    return env, start, stop, reset_row
-
-
-def _carry_tails(
-    chunk: HostChunk, tails: list[_Span | OpenEpisode | None]
-) -> list[OpenEpisode | None]:
-    """The new carry: every tail span's rows gathered into one new pool per leaf (never a view
-    of ``chunk``); each carried episode keeps its old pieces plus a slice of the pool."""
-    spans = [t for t in tails if isinstance(t, _Span)]
-    if not spans:
-        return [t if isinstance(t, OpenEpisode) else None for t in tails]
-    env, start, stop, reset_row = _span_arrays(spans)
-    fresh = reset_row >= 0
-    step_len = stop - start
-    zero = np.zeros(len(spans), np.int64)
-    obs_plan = _Plan.episodes(
-        1, np.maximum(reset_row, 0), fresh.astype(np.int64), env, start, step_len
-    )
-    data_plan = _Plan.episodes(2, zero, zero, env, start, step_len)
-    obs_pool = [
-        obs_plan.gather((s_leaf, r_leaf, None), s_leaf)
-        for s_leaf, r_leaf in zip(chunk.step_observations, chunk.reset_observations, strict=True)
+def _gather_columns(
+    chunk: HostChunk,
+    carry: Carry,
+    env: np.ndarray,
+    reset_row: np.ndarray,
+    start: np.ndarray,
+    step_len: np.ndarray,
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """The observation and data columns of episodes of ``env``: the carried rows (where
+    ``reset_row < 0``) or the reset row, then ``step_len`` step rows from ``start``. Also the
+    data rows per episode."""
+    continues = reset_row < 0
+    fresh = (~continues).astype(np.int64)
+    obs_parts = _carried_parts(carry, env, continues, "obs")
+    data_parts = _carried_parts(carry, env, continues, "data")
+    obs_plan = _Plan.episodes([(np.maximum(reset_row, 0), fresh), *obs_parts], env, start, step_len)
+    zero = np.zeros(len(env), np.int64)
+    data_plan = _Plan.episodes([(zero, zero), *data_parts], env, start, step_len)
+    observations = [
+        obs_plan.gather(
+            [s_leaf, r_leaf, *(p.observations[j] for p in carry.pieces)],
+            s_leaf.dtype,
+            s_leaf.shape[2:],
+        )
+        for j, (s_leaf, r_leaf) in enumerate(
+            zip(chunk.step_observations, chunk.reset_observations, strict=True)
+        )
     ]
-    data_pool = [data_plan.gather((leaf, None, None), leaf) for leaf in chunk.step_data]
-    obs_at = np.concatenate([[0], np.cumsum(fresh + step_len)]).tolist()
-    data_at = np.concatenate([[0], np.cumsum(step_len)]).tolist()
+    data = [
+        data_plan.gather(
+            [leaf, None, *(p.data[j] for p in carry.pieces)], leaf.dtype, leaf.shape[2:]
+        )
+        for j, leaf in enumerate(chunk.step_data)
+    ]
+    return observations, data, sum((length for _, length in data_parts), step_len)
 
-    def pieces(old: list[np.ndarray], new: np.ndarray) -> list[np.ndarray]:
-        joined = [*old, new] if len(new) else list(old)
-        return [np.concatenate(joined, axis=0)] if len(joined) > _MAX_PIECES else joined
 
-    out: list[OpenEpisode | None] = []
-    k = 0
-    for tail in tails:
-        if not isinstance(tail, _Span):
-            out.append(tail)
-            continue
-        base = tail.base
-        obs = [x[obs_at[k] : obs_at[k + 1]] for x in obs_pool]
-        data = [x[data_at[k] : data_at[k + 1]] for x in data_pool]
-        k += 1
-        out.append(
-            OpenEpisode(
-                tail.start_number,
-                tail.next_number,
-                [pieces(base.observations[j] if base else [], x) for j, x in enumerate(obs)],
-                [pieces(base.data[j] if base else [], x) for j, x in enumerate(data)],
+def _carry_tails(chunk: HostChunk, carry: Carry, tails: _Tails) -> Carry:
+    """The new carry: the old pieces keep the rows of the episodes that go on; the rows this
+    chunk adds to the unfinished episodes are gathered into one new piece (never a view of
+    ``chunk``)."""
+    continues = tails.is_open & (tails.reset_row < 0)
+    pieces = [kept for p in carry.pieces if (kept := p.keep(continues)) is not None]
+    adds = tails.is_open & ((tails.reset_row >= 0) | (tails.stop > tails.start))
+    if adds.any():
+        env = np.nonzero(adds)[0]
+        empty = Carry.empty(len(carry))
+        reset_row = tails.reset_row[env]
+        step_len = tails.stop[env] - tails.start[env]
+        observations, data, _ = _gather_columns(
+            chunk, empty, env, reset_row, tails.start[env], step_len
+        )
+        obs_len = np.zeros(len(carry), np.int64)
+        obs_len[env] = (reset_row >= 0) + step_len
+        data_len = np.zeros(len(carry), np.int64)
+        data_len[env] = step_len
+        pieces.append(
+            _Piece(
+                list(observations),
+                [x if len(x) else None for x in data],
+                np.cumsum(obs_len) - obs_len,
+                obs_len,
+                np.cumsum(data_len) - data_len,
+                data_len,
             )
         )
-    return out
+    new = Carry(tails.is_open, tails.start_number, tails.next_number, tuple(pieces))
+    return new.joined() if len(pieces) > _MAX_PIECES else new
 
 
 def cut_columns(
-    chunk: HostChunk, carry: Sequence[OpenEpisode | None]
-) -> tuple[CutColumns, list[OpenEpisode | None]]:
+    chunk: HostChunk, carry: Carry | Sequence[OpenEpisode | None]
+) -> tuple[CutColumns, Carry]:
     """Cuts complete episodes out of one flush's rows into packed columns. Pure numpy.
 
     One gather per leaf for all episodes: episodes that started in this chunk take their reset
     observation from the reset rows, episodes continuing a carried one take their first rows
-    from a pool of the carried pieces; no per-episode array is made.
+    from the carry's pools; no per-episode array is made.
 
     Args:
         chunk: The rows of ``B`` environments.
-        carry: Per environment, its unfinished episode from the previous flush (or ``None``);
-            ignored where ``chunk.fresh``. May be shorter than ``B`` (missing = ``None``).
+        carry: Per environment, its unfinished episode from the previous flush (a
+            :class:`Carry`, or one :class:`OpenEpisode` or ``None`` per environment); ignored
+            where ``chunk.fresh``. May have fewer than ``B`` environments (missing = none).
 
     Returns:
         The complete, fully recorded episodes in environment then time order, and the new
-        carry (length ``B``). No returned array aliases ``chunk``.
+        carry (``B`` environments). No returned array aliases ``chunk``.
 
     Example:
         >>> chunk = HostChunk(
@@ -470,61 +756,16 @@ def cut_columns(
         >>> cut.observations[0].tolist(), cut.n_tuples.tolist(), cut.terminated.tolist()
         ([0.0, 1.0, 2.0], [2], [True])
     """
+    if not isinstance(carry, Carry):
+        carry = Carry.from_episodes(carry)
+    carry = carry.resized(chunk.step_number.shape[0])
     found, tails = _spans(chunk, carry)
-    env, start, stop, reset_row = found.env, found.start, found.stop, found.reset_row
+    env, stop = found.env, found.stop
     n = len(env)
-    is_carried = reset_row < 0
-    carried_obs = np.zeros(n, np.int64)
-    carried_data = np.zeros(n, np.int64)
-    if found.carried:
-        carried_obs[is_carried] = [sum(len(p) for p in ep.observations[0]) for ep in found.carried]
-        carried_data[is_carried] = [ep.length for ep in found.carried]
-    obs_pool = _carried_pool(found.carried, "observations", len(chunk.step_observations))
-    data_pool = _carried_pool(found.carried, "data", len(chunk.step_data))
-    step_len = stop - start
-    # Observations: the reset row (new episode) or the carried rows (pool), then step rows.
-    obs_plan = _observation_plan(is_carried, carried_obs, reset_row, env, start, step_len)
-    observations = [
-        obs_plan.gather((s_leaf, r_leaf, pool), s_leaf)
-        for s_leaf, r_leaf, pool in zip(
-            chunk.step_observations, chunk.reset_observations, obs_pool, strict=True
-        )
-    ]
-    pool_start = np.cumsum(carried_data) - carried_data
-    data_plan = _Plan.episodes(2, pool_start, carried_data, env, start, step_len)
-    data = [
-        data_plan.gather((leaf, None, pool), leaf)
-        for leaf, pool in zip(chunk.step_data, data_pool, strict=True)
-    ]
+    observations, data, n_tuples = _gather_columns(
+        chunk, carry, env, found.reset_row, found.start, stop - found.start
+    )
     last_rows = chunk.discount[env, stop - 1]
     terminated = np.all((last_rows == 0).reshape(n, -1), axis=1) if n else np.zeros(0, bool)
-    cut = CutColumns(
-        observations, data, carried_data + step_len, terminated, env, found.start_number
-    )
-    return cut, _carry_tails(chunk, tails)
-
-
-def _observation_plan(
-    is_carried: np.ndarray,
-    carried_obs: np.ndarray,
-    reset_row: np.ndarray,
-    env: np.ndarray,
-    start: np.ndarray,
-    step_len: np.ndarray,
-) -> _Plan:
-    """Observation rows of the complete episodes: a carried episode's rows from the pool (in
-    span order), a new episode's reset row, then the step rows."""  # fmt: skip
-    new = ~is_carried
-    prefix = np.where(is_carried, carried_obs, 1)
-    per = prefix + step_len
-    first = np.cumsum(per) - per
-    pooled = np.where(is_carried, carried_obs, 0)
-    pool_start = np.cumsum(pooled) - pooled
-    return _Plan.from_segments(
-        int(per.sum()),
-        (
-            (first + prefix, env, start, step_len),
-            (first[new], env[new], reset_row[new], np.ones(int(new.sum()), np.int64)),
-            (first[is_carried], env[is_carried], pool_start[is_carried], carried_obs[is_carried]),
-        ),
-    )
+    cut = CutColumns(observations, data, n_tuples, terminated, env, found.start_number)
+    return cut, _carry_tails(chunk, carry, tails)

@@ -28,10 +28,10 @@ import numpy as np
 
 from tupli_jax._cut import (
     MOD,
+    Carry,
     CutColumns,
     HostChunk,
     OpenEpisode,
-    concat,
     cut_columns,
 )
 from tupli_jax.episode import EpisodeBatch, EpisodeData
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from tupli_jax.storage.base import TupliStorage
 
 __all__ = [
+    "Carry",
     "CutColumns",
     "Flusher",
     "HostChunk",
@@ -178,7 +179,7 @@ class Flusher:
         self.observation_treedef: Any = jax.tree.structure(observation)
         self.data_treedef: Any = jax.tree.structure(data)
         self._data_leaves: list[Any] = jax.tree.leaves(data)
-        self._carries: dict[int, list[OpenEpisode | None]] = {}
+        self._carries: dict[int, Carry] = {}
         self._next_token = 1 + secrets.randbelow(MOD - 1)
         # fetch (main thread) and write or cut (a pipeline's writer) may run concurrently; the
         # lock is never held during device transfers or storage I/O.
@@ -268,16 +269,24 @@ class Flusher:
         def rows(x: np.ndarray) -> np.ndarray:
             return np.asarray(x).reshape(num_envs, *np.shape(x)[-2:])
 
-        def time_major_rows(x: np.ndarray) -> np.ndarray:  # [T, B..., n] -> view [B, T, n]
+        def time_major_rows(x: np.ndarray) -> np.ndarray:  # [T, B..., n] -> [T, B, n]
             x = np.asarray(x)
-            return x.reshape(x.shape[0], num_envs, x.shape[-1]).swapaxes(0, 1)
+            return x.reshape(x.shape[0], num_envs, x.shape[-1])
 
-        step_rows = time_major_rows if pending.time_major else rows
-        step_tree = self.spec.step_codec.treedef.unflatten(
-            self.spec.step_codec.decode(
-                step_rows(host["step_words"]), [step_rows(x) for x in host["step_big"]]
+        if pending.time_major:  # decoded in [T, B] memory (copying each leaf into [B, T]
+            # memory took longer than the cut's gathers from it), then viewed as [B, T]
+            step_leaves = [
+                x.swapaxes(0, 1)
+                for x in self.spec.step_codec.decode(
+                    time_major_rows(host["step_words"]),
+                    [time_major_rows(x) for x in host["step_big"]],
+                )
+            ]
+        else:
+            step_leaves = self.spec.step_codec.decode(
+                rows(host["step_words"]), [rows(x) for x in host["step_big"]]
             )
-        )
+        step_tree = self.spec.step_codec.treedef.unflatten(step_leaves)
         reset_tree = self.spec.reset_codec.treedef.unflatten(
             self.spec.reset_codec.decode(
                 rows(host["reset_words"]), [rows(x) for x in host["reset_big"]]
@@ -301,24 +310,33 @@ class Flusher:
         )
         return chunk, tokens
 
-    def _cut(
-        self, pending: PendingFlush, benchmark_id: str, metadata_fn: Any
-    ) -> tuple[EpisodeBatch, Callable[[], None]]:
-        chunk, tokens = self._host_chunk(pending)
-        carry: list[OpenEpisode | None] = []
-        for b, token in enumerate(tokens.tolist()):
-            if token == 0:
-                carry.append(None)
-                continue
-            with self._lock:
-                carried = self._carries.get(token)
-            if carried is None or b >= len(carried):
+    def _carry_of(self, tokens: np.ndarray) -> Carry:
+        """The carry of ``B`` environments whose states carry flush ``tokens`` (0: fresh)."""
+        used = np.nonzero(tokens)[0]
+        with self._lock:
+            carries = {t: self._carries.get(t) for t in set(tokens[used].tolist())}
+        for t, carried in carries.items():
+            envs = used[tokens[used] == t]
+            if carried is None or int(envs.max()) >= len(carried):
                 raise ValueError(
                     "this RecorderState was already flushed (or comes from another recorder): "
                     "its flush token is unknown. Always continue with the state returned by "
                     "rec.flush / rec.fetch, and call rec.write in fetch order."
                 )
-            carry.append(carried[b])
+        if not carries:
+            return Carry.empty(len(tokens))
+        if len(carries) == 1:  # the usual case: every state comes from the same flush
+            return next(iter(carries.values()))  # type: ignore[return-value]
+        # States from several flushes: each env's episode from its own flush's carry.
+        return Carry.from_episodes(
+            [None if t == 0 else carries[t][b] for b, t in enumerate(tokens.tolist())]  # type: ignore[index]
+        )
+
+    def _cut(
+        self, pending: PendingFlush, benchmark_id: str, metadata_fn: Any
+    ) -> tuple[EpisodeBatch, Callable[[], None]]:
+        chunk, tokens = self._host_chunk(pending)
+        carry = self._carry_of(tokens)
         cut, new_carry = cut_columns(chunk, carry)
         batch = self._batch(cut, benchmark_id, metadata_fn)
         consumed = {t for t in tokens.tolist() if t != 0}
@@ -411,38 +429,34 @@ class Flusher:
 
     def _state_dict(self) -> dict[str, Any]:
         carries: dict[str, Any] = {}
-        for token, envs in self._carries.items():
-            entry: dict[str, Any] = {"num_envs": len(envs)}
-            for b, ep in enumerate(envs):
-                if ep is None:
-                    continue
-                entry[str(b)] = {
-                    "start_number": ep.start_number,
-                    "next_number": ep.next_number,
-                    "observations": [concat(p) for p in ep.observations],
-                    "data": [
-                        concat(p) if p else np.zeros((0, *leaf.shape), leaf.dtype)
-                        for p, leaf in zip(ep.data, self._data_leaves, strict=True)
-                    ],
-                }
-            carries[str(token)] = entry
+        for token, carry in self._carries.items():
+            carries[str(token)] = carry.pools()
         return {"next_token": self._next_token, "carries": carries}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a carry produced by :meth:`state_dict`."""
-        carries: dict[int, list[OpenEpisode | None]] = {}
+        """Restores a carry produced by :meth:`state_dict` (or by the per-environment format
+        of earlier versions)."""
+        carries: dict[int, Carry] = {}
         for token, entry in state["carries"].items():
-            envs: list[OpenEpisode | None] = [None] * int(entry["num_envs"])
-            for key, ep in entry.items():
-                if key == "num_envs":
-                    continue
-                envs[int(key)] = OpenEpisode(
-                    start_number=int(ep["start_number"]),
-                    next_number=int(ep["next_number"]),
-                    observations=[[np.asarray(x)] for x in ep["observations"]],
-                    data=[[np.asarray(x)] for x in ep["data"]],
-                )
-            carries[int(token)] = envs
+            carries[int(token)] = _carry_from_state(entry)
         with self._lock:
             self._carries = carries
             self._next_token = int(state["next_token"])
+
+
+def _carry_from_state(entry: dict[str, Any]) -> Carry:
+    """A carry from :meth:`Flusher.state_dict`'s entry for one token."""
+    if "num_envs" not in entry:
+        return Carry.from_pools(entry)
+    # The per-environment format of earlier versions: {"num_envs": B, "<b>": episode, ...}.
+    envs: list[OpenEpisode | None] = [None] * int(entry["num_envs"])
+    for key, ep in entry.items():
+        if key == "num_envs":
+            continue
+        envs[int(key)] = OpenEpisode(
+            start_number=int(ep["start_number"]),
+            next_number=int(ep["next_number"]),
+            observations=[[np.asarray(x)] for x in ep["observations"]],
+            data=[[np.asarray(x)] for x in ep["data"]],
+        )
+    return Carry.from_episodes(envs)

@@ -339,10 +339,12 @@ def test_a_corrupt_saved_carry_is_refused() -> None:
     _, carry = _run_all(chunks)
     pools = carry.pools()
     short = dict(pools, observations=[x[:-1] for x in pools["observations"]])
-    with pytest.raises(ValueError, match="rows of a observation leaf"):
+    with pytest.raises(ValueError, match="rows of an observation leaf"):
         Carry.from_pools(short)
     with pytest.raises(ValueError, match="does not fit"):
         Carry.from_pools(dict(pools, data_len=pools["data_len"][:1]))
+    with pytest.raises(ValueError, match="one more observation than steps"):
+        Carry.from_pools(dict(pools, obs_len=pools["obs_len"] + pools["is_open"]))
 
 
 def test_cut_refuses_more_rows_than_fetched() -> None:

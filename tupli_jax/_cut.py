@@ -83,6 +83,18 @@ class _Piece:
     data_start: np.ndarray  # [B] int64
     data_len: np.ndarray  # [B] int64
 
+    @classmethod
+    def packed(
+        cls,
+        observations: list[np.ndarray | None],
+        data: list[np.ndarray | None],
+        obs_len: np.ndarray,
+        data_len: np.ndarray,
+    ) -> _Piece:
+        """A piece whose pools hold each environment's rows back to back, in env order."""
+        obs_start = np.cumsum(obs_len) - obs_len
+        return cls(observations, data, obs_start, obs_len, np.cumsum(data_len) - data_len, data_len)
+
     def keep(self, envs: np.ndarray) -> _Piece | None:
         """The piece with the rows of environments outside ``envs`` ([B] bool) dropped, or
         ``None`` if none are left."""
@@ -170,14 +182,7 @@ class Carry:
                 out.append(np.concatenate(parts, axis=0) if parts else None)
             return out
 
-        piece = _Piece(
-            pools("observations"),
-            pools("data"),
-            np.cumsum(obs_len) - obs_len,
-            obs_len,
-            np.cumsum(data_len) - data_len,
-            data_len,
-        )
+        piece = _Piece.packed(pools("observations"), pools("data"), obs_len, data_len)
         return cls(is_open, start_number, next_number, (piece,))
 
     def pools(self) -> dict[str, Any]:
@@ -215,26 +220,23 @@ class Carry:
             )):  # fmt: skip
                 raise ValueError(f"a saved carry's {name} does not fit its {num_envs} environments")
         obs_len, data_len = fields["obs_len"], fields["data_len"]
+        if np.any(is_open & (obs_len != data_len + 1)):
+            raise ValueError(
+                "a saved carry's open episodes must have one more observation than steps"
+            )
         observations = [None if x is None else np.asarray(x) for x in pools["observations"]]
         data = [None if x is None else np.asarray(x) for x in pools["data"]]
-        for name, leaves, total in (("observation", observations, obs_len.sum()),
-                                    ("data", data, data_len.sum())):  # fmt: skip
+        for name, leaves, total in (("an observation", observations, obs_len.sum()),
+                                    ("a data", data, data_len.sum())):  # fmt: skip
             for x in leaves:
                 if (0 if x is None else len(x)) != total:
                     raise ValueError(
-                        f"a saved carry has {0 if x is None else len(x)} rows of a {name} leaf "
+                        f"a saved carry has {0 if x is None else len(x)} rows of {name} leaf "
                         f"for {total} rows of open episodes"
                     )
         if not is_open.any():
             return cls(is_open, fields["start_number"], fields["next_number"], ())
-        piece = _Piece(
-            observations,
-            data,
-            np.cumsum(obs_len) - obs_len,
-            obs_len,
-            np.cumsum(data_len) - data_len,
-            data_len,
-        )
+        piece = _Piece.packed(observations, data, obs_len, data_len)
         return cls(is_open, fields["start_number"], fields["next_number"], (piece,))
 
     def __len__(self) -> int:
@@ -321,14 +323,7 @@ class Carry:
 
         observations, obs_len = join("observations", "obs_start", "obs_len")
         data, data_len = join("data", "data_start", "data_len")
-        piece = _Piece(
-            observations,
-            data,
-            np.cumsum(obs_len) - obs_len,
-            obs_len,
-            np.cumsum(data_len) - data_len,
-            data_len,
-        )
+        piece = _Piece.packed(observations, data, obs_len, data_len)
         return dataclasses.replace(self, pieces=(piece,))
 
 
@@ -712,13 +707,8 @@ def _carry_tails(chunk: HostChunk, carry: Carry, tails: _Tails) -> Carry:
         data_len = np.zeros(len(carry), np.int64)
         data_len[env] = step_len
         pieces.append(
-            _Piece(
-                list(observations),
-                [x if len(x) else None for x in data],
-                np.cumsum(obs_len) - obs_len,
-                obs_len,
-                np.cumsum(data_len) - data_len,
-                data_len,
+            _Piece.packed(
+                list(observations), [x if len(x) else None for x in data], obs_len, data_len
             )
         )
     new = Carry(tails.is_open, tails.start_number, tails.next_number, tuple(pieces))

@@ -586,11 +586,17 @@ class _Plan:
                 continue
             out_start, env, row_start, length = self.segments[source]
             pool = source >= 2
-            contiguous_runs = pool or leaf.strides[0] == leaf.strides[1] * leaf.shape[1]
-            if contiguous_runs and (
+            # Runs of rows one memcpy each (contiguous runs), or one memcpy per row (big rows of
+            # time-major memory): faster than a gather, which for rows interleaved with another
+            # source's goes through a temporary.
+            copyable = (
+                pool
+                or leaf.strides[0] == leaf.strides[1] * leaf.shape[1]
+                or row_bytes >= _ROW_COPY_BYTES
+            )
+            if copyable and (
                 row_bytes * len(self.indices[source][0]) >= _SEGMENT_COPY_BYTES * len(length)
             ):
-                # Runs of big rows: one memcpy per run beats a gather through a temporary.
                 for o, e, r, n in zip(out_start.tolist(), env.tolist(), row_start.tolist(),
                                       length.tolist(), strict=True):  # fmt: skip
                     out[o : o + n] = leaf[r : r + n] if pool else leaf[e, r : r + n]
@@ -634,6 +640,7 @@ def _swapped_c_contiguous(leaf: np.ndarray) -> bool:
 
 
 _SEGMENT_COPY_BYTES = 4096  # mean bytes per run from which runs are copied one by one
+_ROW_COPY_BYTES = 1024  # rows from which a run of time-major rows is copied row by row
 _MAX_PIECES = 4  # a carry's live rows are joined into one piece beyond this many pieces
 
 

@@ -12,7 +12,9 @@ through ``tupli_jax.pipeline._Writer``:
 
 The two alternate ``--repeats`` times; reported: transitions/s of each (median) and the median
 of the per-repeat ratios. This is the writer's throughput when the device leaves it the host's
-cores (an accelerator host), which ``bench_record.py`` on a CPU-only machine cannot show.
+cores (an accelerator host), which ``bench_record.py`` on a CPU-only machine cannot show. Also
+reported: the seconds the cut alone takes for the job's chunks (numpy: complete episodes and
+carry, nothing stored), once after each pair of replays.
 
 Usage:
     PYTHONPATH=. python benchmarks_perf/bench_writer.py
@@ -79,6 +81,17 @@ def replay(rec: Any, chunks: list, run_id: str, overlap: bool) -> tuple[float, i
     return seconds, out.transitions
 
 
+def replay_cut(rec: Any, chunks: list) -> float:
+    """Seconds to cut ``chunks`` again (numpy only: episodes and carry, nothing stored)."""
+    rec._flusher._carries = {}
+    start = time.perf_counter()
+    for _, pending in chunks:
+        batch, commit = rec._flusher.cut(pending)
+        commit()
+        del batch
+    return time.perf_counter() - start
+
+
 def bench_env(env_id: str, num_envs: int, steps: int, capacity: int, repeats: int) -> str:
     """One table row."""
     root = Path(tempfile.mkdtemp(prefix="bench_writer_"))
@@ -88,12 +101,14 @@ def bench_env(env_id: str, num_envs: int, steps: int, capacity: int, repeats: in
             int(np.asarray(x).nbytes) for _, p in chunks for x in jax.tree.leaves(p.arrays)
         )
         times: dict[str, list[float]] = {"one after the other": [], "overlapped": []}
+        cut_times = []
         transitions = 0
         replay(rec, chunks, "warm-up", False)
         for i in range(repeats):
             for name, overlap in (("one after the other", False), ("overlapped", True)):
                 seconds, transitions = replay(rec, chunks, f"{name[:3]}-{i}", overlap)
                 times[name].append(seconds)
+            cut_times.append(replay_cut(rec, chunks))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     one, two = times["one after the other"], times["overlapped"]
@@ -101,7 +116,8 @@ def bench_env(env_id: str, num_envs: int, steps: int, capacity: int, repeats: in
     return (
         f"| {env_id} | {len(chunks)} x {row_bytes / len(chunks) / 2**20:.0f} MiB "
         f"| {transitions / statistics.median(one) / 1e6:.2f}M/s "
-        f"| {transitions / statistics.median(two) / 1e6:.2f}M/s | {ratio:.2f}x |"
+        f"| {transitions / statistics.median(two) / 1e6:.2f}M/s | {ratio:.2f}x "
+        f"| {statistics.median(cut_times):.2f} s ({min(cut_times):.2f} s) |"
     )
 
 
@@ -123,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {args}; {steps} steps x {args.num_envs} envs per job")
     print(
         "\n| env | chunks (fetched rows) | one after the other | overlapped "
-        "| speed-up (median of ratios) |"
+        "| speed-up (median of ratios) | cut alone per job, median (best) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for env_id in [e for e in args.envs.split(",") if e]:
         print(bench_env(env_id, args.num_envs, steps, args.capacity, args.repeats), flush=True)
 

@@ -178,7 +178,6 @@ class Flusher:
         self.spec = spec
         self.observation_treedef: Any = jax.tree.structure(observation)
         self.data_treedef: Any = jax.tree.structure(data)
-        self._data_leaves: list[Any] = jax.tree.leaves(data)
         self._carries: dict[int, Carry] = {}
         self._next_token = 1 + secrets.randbelow(MOD - 1)
         # fetch (main thread) and write or cut (a pipeline's writer) may run concurrently; the
@@ -314,22 +313,23 @@ class Flusher:
         """The carry of ``B`` environments whose states carry flush ``tokens`` (0: fresh)."""
         used = np.nonzero(tokens)[0]
         with self._lock:
-            carries = {t: self._carries.get(t) for t in set(tokens[used].tolist())}
-        for t, carried in carries.items():
-            envs = used[tokens[used] == t]
-            if carried is None or int(envs.max()) >= len(carried):
+            found = {t: self._carries.get(t) for t in set(tokens[used].tolist())}
+        carries: dict[int, Carry] = {}
+        for t, carried in found.items():
+            if carried is None or int(used[tokens[used] == t].max()) >= len(carried):
                 raise ValueError(
                     "this RecorderState was already flushed (or comes from another recorder): "
                     "its flush token is unknown. Always continue with the state returned by "
                     "rec.flush / rec.fetch, and call rec.write in fetch order."
                 )
+            carries[t] = carried
         if not carries:
             return Carry.empty(len(tokens))
         if len(carries) == 1:  # the usual case: every state comes from the same flush
-            return next(iter(carries.values()))  # type: ignore[return-value]
+            return next(iter(carries.values()))
         # States from several flushes: each env's episode from its own flush's carry.
         return Carry.from_episodes(
-            [None if t == 0 else carries[t][b] for b, t in enumerate(tokens.tolist())]  # type: ignore[index]
+            [None if t == 0 else carries[t][b] for b, t in enumerate(tokens.tolist())]
         )
 
     def _cut(

@@ -270,13 +270,20 @@ def test_fresh_stream_drops_the_carry() -> None:
     assert episodes[0].observations[0][:, 1].tolist() == [0, 1, 2]
 
 
-def test_carry_never_aliases_the_chunk() -> None:
-    chunks, _, _ = _chunks(1, [[10]], [False], [True] * 4, [], 3)
-    _, carry = cut_episodes(chunks[0], [])
-    chunks[0].step_observations[0][:] = -5
-    chunks[0].reset_observations[0][:] = -5
-    assert carry[0] is not None
-    assert np.all(np.concatenate(carry[0].observations[0]) >= 0)
+def test_neither_the_cut_nor_the_carry_aliases_the_chunk() -> None:
+    # Env 0 ends an episode in the chunk, env 1 does not; both time-major and [B, S] leaves.
+    for time_major in (False, True):
+        chunks, _, _ = _chunks(2, [[2], [10]], [False], [True] * 4, [], 3)
+        chunk = _time_major(chunks[0]) if time_major else chunks[0]
+        cut, carry = cut_columns(chunk, [])
+        assert len(cut) == 1 and carry[1] is not None
+        kept = [x.copy() for x in cut.observations + cut.data]
+        for leaf in chunk.step_observations + chunk.reset_observations + chunk.step_data:
+            leaf[...] = -5
+        for x, y in zip(cut.observations + cut.data, kept, strict=True):
+            np.testing.assert_array_equal(x, y)
+        assert np.all(np.concatenate(carry[1].observations[0]) >= 0)
+        assert np.all(np.concatenate(carry[1].data[0]) >= 0)
 
 
 def test_a_long_episode_keeps_few_pieces_and_all_its_rows() -> None:
@@ -331,7 +338,24 @@ def test_carry_pools_round_trip_and_the_earlier_format_loads() -> None:
             (e.env_index, e.start_number) for e in want
         ], name
         for e, f in zip(got, want, strict=True):
-            np.testing.assert_array_equal(e.observations[1], f.observations[1])
+            for x, y in zip(e.observations + e.data, f.observations + f.data, strict=True):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_a_saved_carry_of_other_leaves_is_refused() -> None:
+    rec = _recorder()
+    state = _rollout(rec, _start(rec), 4, seed=7)
+    _, pending = rec.fetch(state)
+    rec.collect(pending)
+    saved = rec.flush_state()
+    (entry,) = saved["carries"].values()
+    assert np.any(entry["is_open"])
+    wrong_dtype = dict(entry, observations=[x.astype(np.float64) for x in entry["observations"]])
+    one_leaf_less = dict(entry, data=entry["data"][:-1])
+    for bad, match in ((wrong_dtype, "this recorder records float32"),
+                       (one_leaf_less, "data leaves; this recorder records")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            _recorder().restore_flush_state(dict(saved, carries={"5": bad}))
 
 
 def test_a_corrupt_saved_carry_is_refused() -> None:

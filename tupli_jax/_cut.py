@@ -194,9 +194,9 @@ class Carry:
         zeros = np.zeros(len(self), np.int64)
         piece = joined.pieces[0] if joined.pieces else None
         return {
-            "is_open": joined.is_open,
-            "start_number": joined.start_number,
-            "next_number": joined.next_number,
+            "is_open": joined.is_open.copy(),
+            "start_number": joined.start_number.copy(),
+            "next_number": joined.next_number.copy(),
             "obs_len": piece.obs_len if piece else zeros,
             "data_len": piece.data_len if piece else zeros,
             "observations": list(piece.observations) if piece else [],

@@ -178,6 +178,11 @@ class Flusher:
         self.spec = spec
         self.observation_treedef: Any = jax.tree.structure(observation)
         self.data_treedef: Any = jax.tree.structure(data)
+        # (shape, dtype) of each leaf, to check restored carries against
+        self._leaf_specs = {
+            field: [(tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(example)]
+            for field, example in (("observations", observation), ("data", data))
+        }
         self._carries: dict[int, Carry] = {}
         self._next_token = 1 + secrets.randbelow(MOD - 1)
         # fetch (main thread) and write or cut (a pipeline's writer) may run concurrently; the
@@ -424,24 +429,45 @@ class Flusher:
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The carry as plain python/numpy (string keys), e.g. for orbax."""
-        with self._lock:
-            return self._state_dict()
-
-    def _state_dict(self) -> dict[str, Any]:
-        carries: dict[str, Any] = {}
-        for token, carry in self._carries.items():
-            carries[str(token)] = carry.pools()
-        return {"next_token": self._next_token, "carries": carries}
+        with self._lock:  # carries are never changed, only replaced: join them unlocked
+            carries, next_token = dict(self._carries), self._next_token
+        return {
+            "next_token": next_token,
+            "carries": {str(token): carry.pools() for token, carry in carries.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores a carry produced by :meth:`state_dict` (or by the per-environment format
-        of earlier versions)."""
+        of earlier versions).
+
+        Raises:
+            ValueError: A carry does not fit this recorder (leaf count, row shape or dtype),
+                or its arrays do not fit together.
+        """
         carries: dict[int, Carry] = {}
         for token, entry in state["carries"].items():
-            carries[int(token)] = _carry_from_state(entry)
+            carry = _carry_from_state(entry)
+            self._check_leaves(carry)
+            carries[int(token)] = carry
         with self._lock:
             self._carries = carries
             self._next_token = int(state["next_token"])
+
+    def _check_leaves(self, carry: Carry) -> None:
+        for piece in carry.pieces:
+            for field, pools in (("observations", piece.observations), ("data", piece.data)):
+                specs = self._leaf_specs[field]
+                if len(pools) != len(specs):
+                    raise ValueError(
+                        f"a saved carry has {len(pools)} {field} leaves; this recorder records "
+                        f"{len(specs)}"
+                    )
+                for pool, (shape, dtype) in zip(pools, specs, strict=True):
+                    if pool is not None and (pool.shape[1:] != shape or pool.dtype != dtype):
+                        raise ValueError(
+                            f"a saved carry has {field} rows of {pool.dtype}{list(pool.shape[1:])}"
+                            f"; this recorder records {dtype}{list(shape)}"
+                        )
 
 
 def _carry_from_state(entry: dict[str, Any]) -> Carry:

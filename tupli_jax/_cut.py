@@ -106,20 +106,21 @@ class _Piece:
 
     def resized(self, num_envs: int) -> _Piece:
         """The piece for ``num_envs`` environments (the ones past the end have no rows)."""
-        n = min(num_envs, len(self.obs_len))
-
-        def fit(x: np.ndarray) -> np.ndarray:
-            out = np.zeros(num_envs, np.int64)
-            out[:n] = x[:n]
-            return out
-
         return dataclasses.replace(
             self,
-            obs_start=fit(self.obs_start),
-            obs_len=fit(self.obs_len),
-            data_start=fit(self.data_start),
-            data_len=fit(self.data_len),
+            obs_start=_fit(self.obs_start, num_envs),
+            obs_len=_fit(self.obs_len, num_envs),
+            data_start=_fit(self.data_start, num_envs),
+            data_len=_fit(self.data_len, num_envs),
         )
+
+
+def _fit(x: np.ndarray, num_envs: int) -> np.ndarray:
+    """Per-environment values ``x`` for ``num_envs`` environments (zeros for the added ones)."""
+    out = np.zeros(num_envs, x.dtype)
+    n = min(num_envs, len(x))
+    out[:n] = x[:n]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,26 +274,24 @@ class Carry:
     @property
     def length(self) -> np.ndarray:
         """``[B]`` int64 steps seen so far per environment (0 where none is open)."""
+        return self._rows("data_len")
+
+    def _rows(self, length: str) -> np.ndarray:
+        """``[B]`` rows per environment in all pieces (``length``: ``"obs_len"`` or
+        ``"data_len"``)."""
         total = np.zeros(len(self), np.int64)
         for piece in self.pieces:
-            total += piece.data_len
+            total += getattr(piece, length)
         return total
 
     def resized(self, num_envs: int) -> Carry:
         """The carry of the first ``num_envs`` environments (the ones added have none)."""
         if num_envs == len(self):
             return self
-        n = min(num_envs, len(self))
-
-        def fit(x: np.ndarray) -> np.ndarray:
-            out = np.zeros(num_envs, x.dtype)
-            out[:n] = x[:n]
-            return out
-
         return Carry(
-            fit(self.is_open),
-            fit(self.start_number),
-            fit(self.next_number),
+            _fit(self.is_open, num_envs),
+            _fit(self.start_number, num_envs),
+            _fit(self.next_number, num_envs),
             tuple(p.resized(num_envs) for p in self.pieces),
         )
 
@@ -302,28 +301,27 @@ class Carry:
             return self
         envs = np.nonzero(self.is_open)[0]
         zero = np.zeros(len(envs), np.int64)
+        every = np.ones(len(envs), bool)
 
-        def join(field: str, start: str, length: str) -> tuple[list[np.ndarray | None], np.ndarray]:
-            parts = [(zero, zero)] + [
-                (getattr(p, start)[envs], getattr(p, length)[envs]) for p in self.pieces
-            ]
-            plan = _Plan.episodes(parts, envs, zero, zero)
+        def join(field: str, leaves: str) -> list[np.ndarray | None]:
+            parts = _carried_parts(self, envs, every, field)
+            plan = _Plan.episodes([(zero, zero), *parts], envs, zero, zero)
             out: list[np.ndarray | None] = []
-            for j in range(len(getattr(self.pieces[0], field))):
-                pools = [getattr(p, field)[j] for p in self.pieces]
+            for j in range(len(getattr(self.pieces[0], leaves))):
+                pools = [getattr(p, leaves)[j] for p in self.pieces]
                 like = next((x for x in pools if x is not None), None)
                 out.append(
                     None if like is None or plan.rows == 0
                     else plan.gather([None, None, *pools], like.dtype, like.shape[1:])
                 )  # fmt: skip
-            lengths = np.zeros(len(self), np.int64)
-            for p in self.pieces:
-                lengths += getattr(p, length)
-            return out, lengths
+            return out
 
-        observations, obs_len = join("observations", "obs_start", "obs_len")
-        data, data_len = join("data", "data_start", "data_len")
-        piece = _Piece.packed(observations, data, obs_len, data_len)
+        piece = _Piece.packed(
+            join("obs", "observations"),
+            join("data", "data"),
+            self._rows("obs_len"),
+            self._rows("data_len"),
+        )
         return dataclasses.replace(self, pieces=(piece,))
 
 

@@ -3,10 +3,11 @@
 The flush (``tupli_jax.flush``) decodes the fetched rows of ``B`` environments into a
 :class:`HostChunk`; :func:`cut_columns` finds the complete episodes with an integer pass over
 the step numbers and LAST flags (``_spans``) and gathers each leaf once for all of them into
-packed columns (``_Plan``: runs of big rows are copied one memcpy each, small rows by one
-fancy-index gather). Unfinished episodes become the new :class:`Carry`: the rows each flush
-adds to them are gathered into one new pool per leaf (never aliasing the chunk), and no Python
-object is made per environment or episode.
+packed columns (``_Plan``: runs of big rows are copied one memcpy each, small step rows by one
+``take`` over the whole column, the few reset and carried rows scattered over it). Unfinished
+episodes become the new :class:`Carry`: the rows each flush adds to them are gathered into one
+new pool per leaf (never aliasing the chunk), and no Python object is made per environment or
+episode.
 
 Exactly once: every step row carries the stream's step ``number`` and every reset row the
 ``number`` of its episode's first step. An episode is emitted only when its reset row and all
@@ -434,14 +435,16 @@ def _spans(chunk: HostChunk, carry: Carry) -> tuple[_Complete, _Tails]:
             f"more rows were written ({int(steps.max())} step rows, {int(resets.max())} reset "
             f"rows) than were fetched ({num_rows} and {chunk.reset_number.shape[1]})."
         )
-    numbers = chunk.step_number.astype(np.int64)
+    numbers = np.asarray(chunk.step_number).astype(np.uint32, copy=False)  # wraps mod MOD
     # gap_count[b, j]: how many pairs of consecutive rows up to j are not consecutive steps
     # (recording was off in between); a segment is gap-free if it is equal at both ends.
-    gaps = np.zeros((num_envs, num_rows), np.int64)
-    gaps[:, 1:] = ((numbers[:, 1:] - numbers[:, :-1]) % MOD) != 1
-    gap_count = np.cumsum(gaps, axis=1)
+    gap_count = np.zeros((num_envs, num_rows), np.int32)
+    np.cumsum(numbers[:, 1:] - numbers[:, :-1] != 1, axis=1, dtype=np.int32,
+              out=gap_count[:, 1:])  # fmt: skip
     envs = np.arange(num_envs)
-    last = chunk.last & (np.arange(num_rows)[None, :] < steps[:, None])
+    last = np.asarray(chunk.last, bool)
+    if steps.min(initial=num_rows) < num_rows:  # rows past an env's steps are not its own
+        last = last & (np.arange(num_rows)[None, :] < steps[:, None])
     has_tail = steps > 0  # the last step row is not a LAST row (an unfinished tail)
     if num_rows:  # else no env has a step row (checked above)
         has_tail &= ~last[envs, np.maximum(steps - 1, 0)]
@@ -456,7 +459,7 @@ def _spans(chunk: HostChunk, carry: Carry) -> tuple[_Complete, _Tails]:
     seg_start = np.zeros(n, np.int64)
     seg_start[1:] = seg_end[:-1] + 1
     seg_start[first_of_env] = 0
-    first = numbers[seg_env, seg_start]
+    first = numbers[seg_env, seg_start].astype(np.int64)
 
     kept = carry.is_open & ~np.asarray(chunk.fresh, bool)
     kept_next = np.where(kept, carry.next_number, -1)
@@ -494,7 +497,7 @@ def _spans(chunk: HostChunk, carry: Carry) -> tuple[_Complete, _Tails]:
     tails.stop[b] = seg_end[i] + 1
     tails.reset_row[b] = row[i]
     tails.start_number[b] = number[i]
-    tails.next_number[b] = (numbers[b, seg_end[i]] + 1) % MOD
+    tails.next_number[b] = (numbers[b, seg_end[i]].astype(np.int64) + 1) % MOD
     # ... or an episode starts after the last LAST row (or the stream's first one): a reset row
     # for the next step's number, no step yet.
     end_number = chunk.end_number.astype(np.int64)
@@ -516,40 +519,35 @@ _Segments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 class _Plan:
     """Where each row of a packed column comes from: per source (0 = step rows ``[B, S]``,
     1 = reset rows ``[B, R]``, 2 and up = pools of carried rows ``[P]``), contiguous segments
-    ``(out_start, env, row_start, length)`` and the same expanded to row indices
-    ``(out, env, row)``."""
+    ``(out_start, env, row_start, length)`` in output order.
+
+    The step rows, most of every column, are gathered by one ``take`` over a row index for the
+    whole column (rows from the other sources read any row there and are overwritten next)
+    instead of a gather into a temporary plus a fancy-index scatter (the scatter was ~20% of a
+    CartPole-like cut). The other sources' rows are few (one reset row per new episode, the
+    carried rows of the first episode of each environment) and are scattered.
+    """
 
     rows: int
     segments: tuple[_Segments, ...]
-    indices: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
-    # (source, env stride, row stride) -> flat row indices and their range
+    # source -> (out, env, row) per row; (source, env stride, row stride) -> flat row indices
+    # and the range of the ones read
+    _indices: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
     _flat: dict[tuple[int, int, int], tuple[np.ndarray, int, int]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False
     )
 
     @classmethod
     def from_segments(cls, rows: int, segments: Sequence[_Segments]) -> _Plan:
-        """The plan of a column of ``rows`` rows from its sources' segments."""
-        kept: list[_Segments] = []
-        indices = []
+        """The plan of a column of ``rows`` rows from its sources' segments (each in ascending
+        ``out_start`` order)."""
+        kept = []
         for out_start, env, row_start, length in segments:
             used = length > 0
-            out_start, env, row_start, length = (
-                out_start[used],
-                env[used],
-                row_start[used],
-                length[used],
-            )
-            kept.append((out_start, env, row_start, length))
-            within = ranges(np.zeros_like(length), length)  # row of each within its run
-            indices.append(
-                (
-                    np.repeat(out_start, length) + within,
-                    np.repeat(env, length),
-                    np.repeat(row_start, length) + within,
-                )
-            )
-        return cls(rows, tuple(kept), tuple(indices))
+            kept.append((out_start[used], env[used], row_start[used], length[used]))
+        return cls(rows, tuple(kept))
 
     @classmethod
     def episodes(
@@ -572,6 +570,19 @@ class _Plan:
             at = at + length
         return cls.from_segments(int(per.sum()), segments)
 
+    def _rows_of(self, source: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(out, env, row)`` of every row ``source`` gives (built once)."""
+        found = self._indices.get(source)
+        if found is None:
+            out_start, env, row_start, length = self.segments[source]
+            within = ranges(np.zeros_like(length), length)  # row of each within its run
+            found = self._indices[source] = (
+                np.repeat(out_start, length) + within,
+                np.repeat(env, length),
+                np.repeat(row_start, length) + within,
+            )
+        return found
+
     def gather(
         self, sources: Sequence[np.ndarray | None], dtype: np.dtype, row_shape: tuple[int, ...]
     ) -> np.ndarray:
@@ -580,7 +591,7 @@ class _Plan:
         out = np.empty((self.rows, *row_shape), dtype)
         row_bytes = np.dtype(dtype).itemsize * int(np.prod(row_shape, dtype=np.int64))
         for source, leaf in enumerate(sources):
-            if leaf is None or not len(self.indices[source][0]):
+            if leaf is None or not len(self.segments[source][0]):
                 continue
             out_start, env, row_start, length = self.segments[source]
             pool = source >= 2
@@ -592,24 +603,21 @@ class _Plan:
                 or leaf.strides[0] == leaf.strides[1] * leaf.shape[1]
                 or row_bytes >= _ROW_COPY_BYTES
             )
-            if copyable and (
-                row_bytes * len(self.indices[source][0]) >= _SEGMENT_COPY_BYTES * len(length)
-            ):
+            if copyable and row_bytes * int(length.sum()) >= _SEGMENT_COPY_BYTES * len(length):
                 for o, e, r, n in zip(out_start.tolist(), env.tolist(), row_start.tolist(),
                                       length.tolist(), strict=True):  # fmt: skip
                     out[o : o + n] = leaf[r : r + n] if pool else leaf[e, r : r + n]
                 continue
-            out_rows = self.indices[source][0]
-            self._put(source, leaf, out, slice(None) if len(out_rows) == self.rows else out_rows)
+            self._put(source, leaf, out)
         return out
 
-    def _put(self, source: int, leaf: np.ndarray, out: np.ndarray, dst: slice | np.ndarray) -> None:
-        """``out[dst] =`` the rows of ``leaf`` for ``source`` in plan order, with ``take_rows``
-        over flat row indices where ``leaf``'s ``[B, S]`` axes merge without a copy (measured
-        4x (scalar rows) to 20x (rows of 4 values) faster than ``(env, row)`` indexing): in
-        ``[B, S]`` memory, or in ``[S, B]`` memory for time-major rows (row ``s * B + b``; 2x
-        faster than making the leaf ``[B, S]`` first and gathering from that)."""
-        _, env_rows, rows = self.indices[source]
+    def _put(self, source: int, leaf: np.ndarray, out: np.ndarray) -> None:
+        """Writes the rows of ``leaf`` for ``source`` into ``out``, with ``take_rows`` over flat
+        row indices where ``leaf``'s ``[B, S]`` axes merge without a copy (measured 4x (scalar
+        rows) to 20x (rows of 4 values) faster than ``(env, row)`` indexing): in ``[B, S]``
+        memory, or in ``[S, B]`` memory for time-major rows (row ``s * B + b``; 2x faster than
+        making the leaf ``[B, S]`` first and gathering from that). The step rows (source 0)
+        are taken for every row of ``out``, so it must come first."""
         if source >= 2:
             merged, key = leaf, (source, 0, 1)
         elif leaf.strides[0] == leaf.strides[1] * leaf.shape[1]:  # [B, S] memory
@@ -619,17 +627,43 @@ class _Plan:
             merged = leaf.swapaxes(0, 1).reshape(leaf.shape[0] * leaf.shape[1], *leaf.shape[2:])
             key = (source, 1, leaf.shape[0])
         else:
-            out[dst] = leaf[env_rows, rows]
+            out_rows, env_rows, rows = self._rows_of(source)
+            out[out_rows] = leaf[env_rows, rows]
             return
+        dst: slice | np.ndarray = slice(None)
+        if source and len(out_rows := self._rows_of(source)[0]) < self.rows:
+            dst = out_rows
         cached = self._flat.get(key)
-        if cached is None:  # flat row = env * env_stride + row * row_stride
-            _, env_stride, row_stride = key
-            flat = env_rows * env_stride + rows * row_stride
-            cached = self._flat[key] = (flat, int(flat.min()), int(flat.max()))
+        if cached is None:
+            cached = self._flat[key] = (
+                self._full_index(*key[1:]) if source == 0 else self._flat_index(*key)
+            )
         flat, low, high = cached
         if not 0 <= low <= high < len(merged):  # take_rows does not check
             raise IndexError(f"a cut plan reads rows beyond the {len(merged)} rows fetched")
         take_rows(merged, flat, out, dst)
+
+    def _flat_index(self, source: int, env_stride: int, row_stride: int) -> tuple[Any, int, int]:
+        """Flat row ``env * env_stride + row * row_stride`` of every row of ``source``, and
+        their range."""
+        _, env_rows, rows = self._rows_of(source)
+        flat = env_rows * env_stride + rows * row_stride
+        return flat, int(flat.min()), int(flat.max())
+
+    def _full_index(self, env_stride: int, row_stride: int) -> tuple[Any, int, int]:
+        """Per row of the column, the flat step row it reads (``env * env_stride + row *
+        row_stride``), and the range of the ones it keeps. Rows that another source overwrites
+        read whatever row follows on from the step run before them (or precedes the first one),
+        possibly out of range: ``take_rows`` clips. No per-row scatter: each step run extends
+        to the next one's start."""
+        out_start, env, row_start, length = self.segments[0]
+        flat_start = env * env_stride + row_start * row_stride
+        stretch = np.diff(out_start, append=self.rows)
+        stretch[0] += out_start[0]  # rows before the first run read back from it
+        base = flat_start - out_start * row_stride
+        flat = np.repeat(base, stretch) + np.arange(self.rows, dtype=np.int64) * row_stride
+        last = flat_start + (length - 1) * row_stride
+        return flat, int(flat_start.min()), int(last.max())
 
 
 def _swapped_c_contiguous(leaf: np.ndarray) -> bool:

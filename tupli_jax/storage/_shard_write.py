@@ -63,14 +63,21 @@ class ShardInfo:
         checksum: CRC-32 of the whole file, 8 lowercase hex digits.
         size: Bytes on disk.
         n_rows: Rows in the file (observations of all episodes).
-        ranges: ``[row_start, row_stop)`` per input episode, in input order.
+        starts: int64 ``[E]`` first row per input episode, in input order.
+        stops: int64 ``[E]`` row after the last, per input episode.
     """
 
     name: str
     checksum: str
     size: int
     n_rows: int
-    ranges: list[tuple[int, int]]
+    starts: np.ndarray
+    stops: np.ndarray
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """``[row_start, row_stop)`` per input episode, in input order (Python ints)."""
+        return list(zip(self.starts.tolist(), self.stops.tolist(), strict=True))
 
 
 class _ChecksumWriter:
@@ -371,8 +378,14 @@ def _write_batch(
             f"could not write shard '{final}': {type(err).__name__}: {err}; nothing was "
             "written: check disk space and permissions of the store directory"
         ) from err
-    ranges = list(zip(starts.tolist(), stops.tolist(), strict=True))
-    return ShardInfo(name, f"{sink.crc:08x}", sink.size, int(stops[-1]), ranges)
+    return ShardInfo(
+        name,
+        f"{sink.crc:08x}",
+        sink.size,
+        int(stops[-1]),
+        np.asarray(starts, np.int64),
+        np.asarray(stops, np.int64),
+    )
 
 
 def write_shard(

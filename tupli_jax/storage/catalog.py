@@ -123,6 +123,10 @@ def new_ids(n: int) -> list[str]:
     unique index on ids grows at its end instead of at random places (a third of the cost of
     an episode row). About 0.2 us per id.
 
+    One call's ids share their time prefix, so they are sorted on the 8 bytes after it (58
+    random bits): two ids tie there with odds ~n**2 / 2**59 (for 10k ids, one in 10**10),
+    and a tie only leaves that pair unsorted (a full 16-byte ``lexsort`` took 5x longer).
+
     Example:
         >>> a, b = new_ids(2)
         >>> len(a), a[12], a <= b, is_id(a)
@@ -134,8 +138,8 @@ def new_ids(n: int) -> list[str]:
     raw[:, :6] = np.frombuffer((time.time_ns() // 1_000_000).to_bytes(6, "big"), np.uint8)
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x70
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80
-    high, low = raw.view(">u8").T  # byte order is hex order: sort the 16-byte keys
-    text = raw[np.lexsort((low, high))].tobytes().hex()
+    after_time = raw[:, 6:14].copy().view(">u8").reshape(-1)  # byte order is hex order
+    text = raw[np.argsort(after_time)].tobytes().hex()
     return [text[i : i + 32] for i in range(0, 32 * n, 32)]
 
 

@@ -185,6 +185,36 @@ def _time_major(chunk: HostChunk) -> HostChunk:
     )
 
 
+def _layout(chunk: HostChunk, layout: str) -> HostChunk:
+    """``chunk`` with its leaves in ``layout``: ``"batch"`` (``[B, S, ...]`` memory),
+    ``"time"`` (``_time_major``), or ``"packed batch"`` / ``"packed time"``: each leaf a view
+    of wider rows (as decoded packed words are: every row strided, its own bytes contiguous)."""
+    if layout == "batch":
+        return chunk
+    time_major = layout.endswith("time")
+
+    def view(x: np.ndarray) -> np.ndarray:
+        lead = x.shape[:2][::-1] if time_major else x.shape[:2]
+        rows = x.swapaxes(0, 1) if time_major else x
+        width = int(np.prod(x.shape[2:], dtype=np.int64))
+        wide = np.full((*lead, width + 3), -7, x.dtype)  # 1 word before, 2 after each row
+        wide[..., 1 : 1 + width] = rows.reshape(*lead, width)
+        packed = wide[..., 1 : 1 + width].reshape(*lead, *x.shape[2:])
+        return packed.swapaxes(0, 1) if time_major else packed
+
+    if layout == "time":
+        return _time_major(chunk)
+    return dataclasses.replace(
+        chunk,
+        step_observations=[view(x) for x in chunk.step_observations],
+        step_data=[view(x) for x in chunk.step_data],
+        reset_observations=[view(x) for x in chunk.reset_observations],
+    )
+
+
+_LAYOUTS = ("batch", "time", "packed batch", "packed time")
+
+
 def _run_all(chunks: list[HostChunk]) -> tuple[list[Any], Carry]:
     carry: Carry | list[OpenEpisode | None] = []
     episodes = []
@@ -221,8 +251,9 @@ def test_cut_matches_the_model_exactly_once(data: st.DataObject, num_envs: int, 
     chunks, expected, unfinished = _chunks(
         num_envs, lengths, truncated, recording, flush_after, total
     )
-    if data.draw(st.booleans()):  # leaves as time-major views, as tj.record's chunks give them
-        chunks = [_time_major(chunk) for chunk in chunks]
+    # leaves as time-major views of packed words, as tj.record's chunks give them, or others
+    layout = data.draw(st.sampled_from(_LAYOUTS))
+    chunks = [_layout(chunk, layout) for chunk in chunks]
     episodes, carry = _run_all(chunks)
 
     got: dict[int, list[Any]] = {b: [] for b in range(num_envs)}
@@ -271,10 +302,10 @@ def test_fresh_stream_drops_the_carry() -> None:
 
 
 def test_neither_the_cut_nor_the_carry_aliases_the_chunk() -> None:
-    # Env 0 ends an episode in the chunk, env 1 does not; both time-major and [B, S] leaves.
-    for time_major in (False, True):
+    # Env 0 ends an episode in the chunk, env 1 does not; in every leaf layout.
+    for layout in _LAYOUTS:
         chunks, _, _ = _chunks(2, [[2], [10]], [False], [True] * 4, [], 3)
-        chunk = _time_major(chunks[0]) if time_major else chunks[0]
+        chunk = _layout(chunks[0], layout)
         cut, carry = cut_columns(chunk, [])
         assert len(cut) == 1 and carry[1] is not None
         kept = [x.copy() for x in cut.observations + cut.data]

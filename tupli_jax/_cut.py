@@ -620,11 +620,11 @@ class _Plan:
         are taken for every row of ``out``, so it must come first."""
         if source >= 2:
             merged, key = leaf, (source, 0, 1)
-        elif leaf.strides[0] == leaf.strides[1] * leaf.shape[1]:  # [B, S] memory
+        elif _merges(leaf):  # [B, S] memory
             merged = leaf.reshape(leaf.shape[0] * leaf.shape[1], *leaf.shape[2:])
             key = (source, leaf.shape[1], 1)
-        elif _swapped_c_contiguous(leaf):  # [S, B] memory
-            merged = leaf.swapaxes(0, 1).reshape(leaf.shape[0] * leaf.shape[1], *leaf.shape[2:])
+        elif _merges(swapped := leaf.swapaxes(0, 1)):  # [S, B] memory
+            merged = swapped.reshape(leaf.shape[0] * leaf.shape[1], *leaf.shape[2:])
             key = (source, 1, leaf.shape[0])
         else:
             out_rows, env_rows, rows = self._rows_of(source)
@@ -666,9 +666,10 @@ class _Plan:
         return flat, int(flat_start.min()), int(last.max())
 
 
-def _swapped_c_contiguous(leaf: np.ndarray) -> bool:
-    """Whether ``leaf`` ``[B, S, ...]`` is a view of C-contiguous ``[S, B, ...]`` memory."""
-    return leaf.ndim >= 2 and leaf.swapaxes(0, 1).flags.c_contiguous
+def _merges(leaf: np.ndarray) -> bool:
+    """Whether the first two axes of ``leaf`` ``[X, Y, ...]`` merge into one without a copy
+    (rows may be strided: the decoded leaves of packed words are views of the words)."""
+    return leaf.ndim >= 2 and leaf.strides[0] == leaf.strides[1] * leaf.shape[1]
 
 
 _SEGMENT_COPY_BYTES = 4096  # mean bytes per run from which runs are copied one by one

@@ -33,11 +33,14 @@ def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def _row_view(array: np.ndarray) -> np.ndarray | None:
     """A 1-D view with one opaque ``void`` item per row (``take`` on it is ~2x faster than on a
-    ``[N, k]`` array), or None when the array is not C-contiguous or has empty rows."""
+    ``[N, k]`` array), or None when a row's bytes are not contiguous or rows are empty. Rows
+    may be strided (e.g. one leaf of packed words): ``take`` reads them in place, 2.5x faster
+    than making the array contiguous first (rows of 4 float32 in 36-byte words)."""
     row_bytes = array.itemsize * math.prod(array.shape[1:])
-    if array.ndim < 2 or row_bytes == 0 or not array.flags.c_contiguous:
+    if array.ndim < 2 or row_bytes == 0 or not len(array) or not array[0].flags.c_contiguous:
         return None
-    return array.reshape(array.shape[0], -1).view(np.dtype((np.void, row_bytes))).reshape(-1)
+    rows = array.reshape(array.shape[0], -1)  # a view: each row is contiguous
+    return rows.view(np.dtype((np.void, row_bytes)))[:, 0]
 
 
 def take_rows(

@@ -205,7 +205,8 @@ class RowCodec:
 
         Returns:
             The row's leaves in flatten order, each ``[..., *shape]`` with its dtype; unflatten
-            with ``self.treedef``.
+            with ``self.treedef``. Leaves of 4- and 8-byte dtypes are views of ``words`` (its
+            last axis must be contiguous); the others are new arrays.
         """
         lead = words.shape[:-1]
         out: list[np.ndarray] = []
@@ -217,7 +218,7 @@ class RowCodec:
             if slot.dtype == np.bool_:
                 value = chunk != 0
             elif slot.dtype.itemsize >= 4:  # 8-byte leaves take two little-endian words each
-                value = np.ascontiguousarray(chunk).view(slot.dtype)
+                value = chunk.view(slot.dtype)  # a view of ``words`` (its last axis is whole)
             else:
                 narrow = np.uint8 if slot.dtype.itemsize == 1 else np.uint16
                 value = chunk.astype(narrow).view(slot.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -803,6 +804,10 @@ def test_write_shard_columns_writes_the_same_file_as_write_shard(tmp_path: Path)
     from_columns = write_shard_columns(tmp_path / "a", **_packed(episodes))
     from_episodes = write_shard(tmp_path / "b", episodes)
     assert from_columns.ranges == from_episodes.ranges == [(0, 4), (4, 5), (5, 12)]
+    assert from_columns.starts.tolist() == [0, 4, 5] and from_columns.stops.tolist() == [4, 5, 12]
+    assert from_columns != from_episodes  # other file names
+    assert from_columns == dataclasses.replace(from_columns, starts=from_columns.starts.copy())
+    assert from_columns != dataclasses.replace(from_columns, stops=np.array([4, 5, 11]))
     assert (tmp_path / "a" / from_columns.name).read_bytes() == (
         tmp_path / "b" / from_episodes.name
     ).read_bytes()

@@ -600,7 +600,7 @@ class _Plan:
             # source's goes through a temporary.
             copyable = (
                 pool
-                or leaf.strides[0] == leaf.strides[1] * leaf.shape[1]
+                or _merges(leaf)  # [B, S] memory: an env's rows are one strided run
                 or row_bytes >= _ROW_COPY_BYTES
             )
             if copyable and row_bytes * int(length.sum()) >= _SEGMENT_COPY_BYTES * len(length):

@@ -54,7 +54,7 @@ _COMPRESSIONS = ("lz4", "zstd", None)
 _MAX_BATCH_BYTES = 256 << 20  # rows per IPC record batch are chosen to stay under this
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ShardInfo:
     """What ``write_shard`` wrote; the catalog keeps it.
 
@@ -78,6 +78,18 @@ class ShardInfo:
     def ranges(self) -> list[tuple[int, int]]:
         """``[row_start, row_stop)`` per input episode, in input order (Python ints)."""
         return list(zip(self.starts.tolist(), self.stops.tolist(), strict=True))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShardInfo):
+            return NotImplemented
+        return (
+            (self.name, self.checksum, self.size, self.n_rows)
+            == (other.name, other.checksum, other.size, other.n_rows)
+            and np.array_equal(self.starts, other.starts)
+            and np.array_equal(self.stops, other.stops)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds arrays, as it held a list before
 
 
 class _ChecksumWriter:

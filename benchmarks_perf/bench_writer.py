@@ -14,7 +14,8 @@ The two alternate ``--repeats`` times; reported: transitions/s of each (median) 
 of the per-repeat ratios. This is the writer's throughput when the device leaves it the host's
 cores (an accelerator host), which ``bench_record.py`` on a CPU-only machine cannot show. Also
 reported: the seconds the cut alone takes for the job's chunks (numpy: complete episodes and
-carry, nothing stored), once after each pair of replays.
+carry, nothing stored), and the seconds storing their cut batches alone takes (Arrow shards,
+SQLite catalog, fsync; one after the other), once each after each pair of replays.
 
 Usage:
     PYTHONPATH=. python benchmarks_perf/bench_writer.py
@@ -40,6 +41,7 @@ import numpy as np
 import tupli_jax as tj
 from benchmarks_perf._envs import make_env, record_job
 from tupli_jax import pipeline
+from tupli_jax.flush import store_batch
 
 
 def capture(env: Any, num_envs: int, steps: int, capacity: int, root: Path) -> tuple[Any, list]:
@@ -92,6 +94,20 @@ def replay_cut(rec: Any, chunks: list) -> float:
     return time.perf_counter() - start
 
 
+def replay_store(rec: Any, chunks: list, run_id: str) -> float:
+    """Seconds to store ``chunks``' batches one after the other, cut beforehand (not timed)."""
+    rec._flusher._carries = {}
+    batches = []
+    for chunk_index, pending in chunks:
+        batch, commit = rec._cut(pending)
+        commit()
+        batches.append((chunk_index, batch))
+    start = time.perf_counter()
+    for chunk_index, batch in batches:
+        store_batch(rec.storage, batch, f"{run_id}:{chunk_index}")
+    return time.perf_counter() - start
+
+
 def bench_env(env_id: str, num_envs: int, steps: int, capacity: int, repeats: int) -> str:
     """One table row."""
     root = Path(tempfile.mkdtemp(prefix="bench_writer_"))
@@ -101,7 +117,7 @@ def bench_env(env_id: str, num_envs: int, steps: int, capacity: int, repeats: in
             int(np.asarray(x).nbytes) for _, p in chunks for x in jax.tree.leaves(p.arrays)
         )
         times: dict[str, list[float]] = {"one after the other": [], "overlapped": []}
-        cut_times = []
+        cut_times, store_times = [], []
         transitions = 0
         replay(rec, chunks, "warm-up", False)
         for i in range(repeats):
@@ -109,6 +125,7 @@ def bench_env(env_id: str, num_envs: int, steps: int, capacity: int, repeats: in
                 seconds, transitions = replay(rec, chunks, f"{name[:3]}-{i}", overlap)
                 times[name].append(seconds)
             cut_times.append(replay_cut(rec, chunks))
+            store_times.append(replay_store(rec, chunks, f"sto-{i}"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     one, two = times["one after the other"], times["overlapped"]
@@ -117,7 +134,8 @@ def bench_env(env_id: str, num_envs: int, steps: int, capacity: int, repeats: in
         f"| {env_id} | {len(chunks)} x {row_bytes / len(chunks) / 2**20:.0f} MiB "
         f"| {transitions / statistics.median(one) / 1e6:.2f}M/s "
         f"| {transitions / statistics.median(two) / 1e6:.2f}M/s | {ratio:.2f}x "
-        f"| {statistics.median(cut_times):.2f} s ({min(cut_times):.2f} s) |"
+        f"| {statistics.median(cut_times):.2f} s ({min(cut_times):.2f} s) "
+        f"| {statistics.median(store_times):.2f} s ({min(store_times):.2f} s) |"
     )
 
 
@@ -139,9 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {args}; {steps} steps x {args.num_envs} envs per job")
     print(
         "\n| env | chunks (fetched rows) | one after the other | overlapped "
-        "| speed-up (median of ratios) | cut alone per job, median (best) |"
+        "| speed-up (median of ratios) | cut alone per job, median (best) "
+        "| store alone per job, median (best) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for env_id in [e for e in args.envs.split(",") if e]:
         print(bench_env(env_id, args.num_envs, steps, args.capacity, args.repeats), flush=True)
 

@@ -87,6 +87,24 @@ def test_list_benchmarks_table_shows_name(filled):
     assert "bench" in result.output and bench_id[:8] in result.output
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_list_episodes_table_fits_the_terminal_with_every_value(filled, width):
+    root, bench_id, _ = filled
+    listed = _invoke("list", "episodes", "--json", "--store", str(root)).output.splitlines()
+    result = runner.invoke(
+        app, ["list", "episodes", "--store", str(root)], env={"COLUMNS": str(width)}
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= width
+    for doc in map(json.loads, listed):
+        (line,) = [line for line in lines if doc["id"] in line]  # the id whole, once
+        end = "terminated" if doc["terminated"] else "truncated"
+        assert line.split()[2:] == [str(doc["n_tuples"]), f"{doc['episode_return']:.3g}", end]
+        assert bench_id[:8] in line  # cut with an ellipsis where the terminal is narrow
+    assert (bench_id in result.output) == (width >= 120)
+
+
 def test_show_episode_prints_header_and_shapes(filled):
     root = filled[0]
     first = json.loads(

@@ -204,18 +204,41 @@ def _rows(kind: Kind, headers: list[Any]) -> tuple[list[str], list[list[str]]]:
     if kind is Kind.artifacts:
         cols = ["id", "name", "benchmark_id", "created_at"]
         return cols, [[h.id, h.name, str(h.benchmark_id), h.created_at] for h in headers]
-    cols = ["id", "benchmark_id", "n_tuples", "return", "terminated", "truncated"]
+    cols = ["id", "benchmark_id", "n_tuples", "return", "end"]  # all fields: --json
     return cols, [
         [
             h.id,
             h.benchmark_id,
             str(h.n_tuples),
             f"{h.episode_return:.3g}",
-            str(h.terminated),
-            str(h.truncated),
+            "terminated" if h.terminated else "truncated" if h.truncated else "-",
         ]
         for h in headers
     ]
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]], width: int) -> Any:
+    """A rich table that fits ``width`` where it can: the item's own ``id`` whole (it is what
+    ``show`` and ``delete`` take), other ids cut with an ellipsis to the room left by the
+    other columns (``list benchmarks`` and ``--json`` give them whole)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    sizes = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    other_ids = [i for i, c in enumerate(columns) if c.endswith("_id")]
+    taken = sum(n for i, n in enumerate(sizes) if i not in other_ids) + 2 * len(columns)
+    room = max(9, (width - taken) // max(len(other_ids), 1))
+    for i, column in enumerate(columns):
+        if column == "id":  # UUIDv7 (time first): its end tells ids apart
+            table.add_column(column, no_wrap=True, min_width=sizes[i])
+        elif i in other_ids:
+            table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=room)
+        else:
+            table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 @app.command("list")
@@ -228,7 +251,10 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document per line.")] = False,
     store: StoreOption = Path(DEFAULT_STORE),
 ) -> None:
-    """Lists benchmarks, episodes or artifacts passing the filters."""
+    """Lists benchmarks, episodes or artifacts passing the filters.
+
+    The table fits the terminal with each item's id whole; --json prints every field.
+    """
     with _one_line_errors():
         storage = _open_store(store)
         query = parse_filter(filter or [])
@@ -243,16 +269,11 @@ def list_(
                 typer.echo(header.model_dump_json())
             return
         from rich.console import Console
-        from rich.table import Table
 
+        console = Console()
         columns, rows = _rows(kind, headers)
-        table = Table(title=f"{len(headers)} {kind.value} in '{store}'")
-        for column in columns:  # ids are UUIDv7 (time first): show them whole
-            is_id = column == "id" or column.endswith("_id")
-            table.add_column(column, no_wrap=is_id, min_width=32 if is_id else None)
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
+        title = f"{len(headers)} {kind.value} in '{store}'"
+        console.print(_table(title, columns, rows, console.width))
 
 
 def _find(storage: Any, item_id: str) -> tuple[str, Any]:

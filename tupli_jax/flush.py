@@ -277,19 +277,13 @@ class Flusher:
             x = np.asarray(x)
             return x.reshape(x.shape[0], num_envs, x.shape[-1])
 
+        step_rows = time_major_rows if pending.time_major else rows
+        step_leaves = self.spec.step_codec.decode(
+            step_rows(host["step_words"]), [step_rows(x) for x in host["step_big"]]
+        )
         if pending.time_major:  # decoded in [T, B] memory (copying each leaf into [B, T]
             # memory took longer than the cut's gathers from it), then viewed as [B, T]
-            step_leaves = [
-                x.swapaxes(0, 1)
-                for x in self.spec.step_codec.decode(
-                    time_major_rows(host["step_words"]),
-                    [time_major_rows(x) for x in host["step_big"]],
-                )
-            ]
-        else:
-            step_leaves = self.spec.step_codec.decode(
-                rows(host["step_words"]), [rows(x) for x in host["step_big"]]
-            )
+            step_leaves = [x.swapaxes(0, 1) for x in step_leaves]
         step_tree = self.spec.step_codec.treedef.unflatten(step_leaves)
         reset_tree = self.spec.reset_codec.treedef.unflatten(
             self.spec.reset_codec.decode(
